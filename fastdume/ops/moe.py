@@ -1,0 +1,134 @@
+"""Mixture-of-Experts op: routing and the expert computation, torch path and Triton path.
+
+Routing semantics (the public contract): logits = (x @ W^T + b) / temperature in fp32; the top_k
+largest logits win, ties going to the lower expert index; the k winners get softmax weights over
+their own scores. NaN logits count as -inf, so they never beat a finite logit; a token whose
+logits are all NaN goes to experts 0..k-1 with equal weights.
+
+The torch path groups tokens by expert and runs each expert once on its own rows, so its cost is
+that of one dense MLP per routed token, not E of them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from fastdume.ops import _backend
+
+
+def _check_router(x, weight, bias, top_k, temperature):
+    if x.dim() != 2:
+        raise ValueError(f"hidden_states must be [T, H], got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"router_weight must be [E, H={x.shape[1]}], got shape {tuple(weight.shape)}"
+        )
+    num_experts = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (num_experts,):
+        raise ValueError(f"router_bias must be [E={num_experts}], got shape {tuple(bias.shape)}")
+    for name, t in (("router_weight", weight), ("router_bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {x.device}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in 1..{num_experts}, got {top_k!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
+def _check_experts(x, topk_ids, gate_up_proj, down_proj):
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            "gate_up_proj must be [E, 2I, H] and down_proj [E, H, I], got shapes "
+            f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+        )
+    num_experts, two_i, hidden = gate_up_proj.shape
+    if hidden != x.shape[1] or two_i % 2:
+        raise ValueError(
+            f"gate_up_proj must be [E, 2I, H={x.shape[1]}], got shape {tuple(gate_up_proj.shape)}"
+        )
+    if tuple(down_proj.shape) != (num_experts, hidden, two_i // 2):
+        raise ValueError(
+            f"down_proj must be [E={num_experts}, H={hidden}, I={two_i // 2}], "
+            f"got shape {tuple(down_proj.shape)}"
+        )
+    for name, t in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {x.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but hidden_states has {x.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
+        raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}")
+
+
+def route_torch(hidden_states, router_weight, router_bias, top_k, temperature):
+    logits = F.linear(
+        hidden_states.float(),
+        router_weight.float(),
+        None if router_bias is None else router_bias.float(),
+    )
+    logits = logits / temperature
+    logits = torch.nan_to_num(logits, nan=float("-inf"))
+    # A stable descending sort makes ties (and all -inf rows) pick the lowest expert index.
+    scores, ids = torch.sort(logits, dim=-1, descending=True, stable=True)
+    scores, ids = scores[:, :top_k], ids[:, :top_k]
+    weights = torch.softmax(scores, dim=-1)
+    dead = torch.isneginf(scores[:, :1]).expand_as(weights)
+    weights = torch.where(dead, torch.full_like(weights, 1.0 / top_k), weights)
+    return weights, ids
+
+
+def route(hidden_states, router_weight, router_bias=None, top_k=1, temperature=1.0):
+    """-> (topk_weights [T, k] fp32, topk_ids [T, k] int64). See the module docstring."""
+    _check_router(hidden_states, router_weight, router_bias, top_k, temperature)
+    return route_torch(hidden_states, router_weight, router_bias, top_k, temperature)
+
+
+def experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj):
+    """Grouped expert MLPs: each expert runs once on the rows routed to it."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_i, _ = gate_up_proj.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    per_slot = hidden_states.new_empty(num_tokens * top_k, hidden_states.shape[1])
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start : start + count]
+        start += count
+        gate, up = (hidden_states[rows // top_k] @ gate_up_proj[e].T).split(two_i // 2, dim=-1)
+        per_slot[rows] = (F.silu(gate) * up) @ down_proj[e].T
+    # The k contributions are summed in slot order, in fp32: deterministic for any batch.
+    weighted = per_slot.view(num_tokens, top_k, per_slot.shape[1]).float()
+    weighted = weighted * topk_weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(hidden_states.dtype)
+
+
+def moe_experts(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj, backend=None):
+    """Expert part of the MoE given the routing: sum_j w_j * down_j(silu(gate_j x) * up_j x)."""
+    _check_experts(hidden_states, topk_ids, gate_up_proj, down_proj)
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(
+            f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ"
+        )
+    which = _backend.resolve(backend, hidden_states.device)
+    if which == "triton":
+        raise NotImplementedError("the Triton MoE backend is not built yet")
+    return experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
+
+
+def fused_moe(
+    hidden_states,
+    router_weight,
+    router_bias,
+    gate_up_proj,
+    down_proj,
+    top_k=1,
+    temperature=1.0,
+    backend=None,
+):
+    """Route, then run the selected experts: [T, H] -> [T, H] in hidden_states' dtype."""
+    weights, ids = route(hidden_states, router_weight, router_bias, top_k, temperature)
+    return moe_experts(hidden_states, weights, ids, gate_up_proj, down_proj, backend=backend)
