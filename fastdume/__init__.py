@@ -1,3 +1,30 @@
-"""fastdume: training-free dynamic upcycling of dense experts into a Mixture-of-Experts."""
+"""fastdume: training-free dynamic upcycling of dense experts into a Mixture-of-Experts.
+
+Importing the package registers the DUME architecture with transformers' Auto classes (through
+fastdume.moe); the DUME building functions are loaded on first use.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "upcycle": "fastdume.upcycle",
+    "RouterStats": "fastdume.router",
+    "collect_stats": "fastdume.router",
+    "solve_router": "fastdume.router",
+    "fit_router": "fastdume.router",
+    "add_expert": "fastdume.dynamic",
+    "remove_expert": "fastdume.dynamic",
+    "ridge_solve": "fastdume.ops.ridge",
+}
+
+__all__ = ["__version__", "moe", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "moe":
+        return importlib.import_module("fastdume.moe")
+    raise AttributeError(f"module 'fastdume' has no attribute {name!r}")

@@ -39,3 +39,11 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def test_zoo():
+    """The `test` preset of the model zoo: a tiny base and one dense expert per domain (cached)."""
+    from fastdume.data.zoo import build_zoo
+
+    return build_zoo("test")
