@@ -7,13 +7,23 @@ which does about half the flops of a full product; `symmetrize` recovers the ful
 Precision: products are formed in fp32 ("fp32", the default on the CPU) or fp64 ("fp64") and
 added into `gram` in its own dtype, so an fp64 store keeps the rounding of a long stream at the
 level of one batch's product rather than growing with the number of batches.
+
+Triton backend (kernels/gram.py, one launch for all layers, fp32 accumulators added straight into
+the stored tiles). What `precision` means there:
+- bf16 / fp16 inputs always use their own tensor-core dot: a product of two 16-bit numbers is exact
+  in fp32, so this is as accurate as "fp32" and the fastest path.
+- fp32 inputs: None (the default, chosen for accuracy) and "fp32" use exact fp32 products
+  (input_precision="ieee", CUDA cores); "tf32x3" splits each operand into two tf32 halves (about
+  fp32 accuracy on tensor cores); "tf32" and "bf16" round the inputs (~1e-3 relative error in G)
+  for tensor-core speed.
+- "fp64" is not a Triton path: it runs the torch backend.
 """
 
 import torch
 
 from fastdume.ops import _backend
 
-PRECISIONS = ("fp32", "fp64", "tf32", "bf16")
+PRECISIONS = ("fp32", "fp64", "tf32", "tf32x3", "bf16")
 _TILE = 256
 
 
@@ -65,9 +75,62 @@ def gram_accumulate(x, gram, colsum, mask=None, precision=None, backend=None):
     """
     _check(x, gram, colsum, mask, precision)
     which = _backend.resolve(backend, x.device)
-    if which == "triton":
-        raise NotImplementedError("the Triton Gram backend is not built yet")
+    if which == "triton" and precision != "fp64":
+        return gram_accumulate_triton(x, gram, colsum, mask, precision)
     return gram_accumulate_torch(x, gram, colsum, mask, precision)
+
+
+def _triton_dtypes(tl, x_dtype, precision, interpreted):
+    """(round_dtype, dot_dtype, input_precision) for the kernel's constexprs."""
+    native = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if x_dtype in native:
+        round_dtype, input_precision = native[x_dtype], "ieee"
+    elif precision == "bf16":
+        round_dtype, input_precision = tl.bfloat16, "ieee"
+    else:
+        round_dtype = tl.float32
+        input_precision = precision if precision in ("tf32", "tf32x3") else "ieee"
+    # The interpreter has no 16-bit dot: upcasting after the rounding gives the same exact products.
+    dot_dtype = tl.float32 if interpreted else round_dtype
+    return round_dtype, dot_dtype, input_precision
+
+
+def _config(x, interpreted, n_programs):
+    if interpreted:  # small tiles keep the interpreter (numpy per program) quick
+        return {"block_h": 16, "block_n": 16, "split_k": 1, "num_warps": 4, "num_stages": 1}
+    block_n = 32 if x.dtype == torch.float32 else 64
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    # Split the tokens when there are too few tiles to fill the GPU (small d, one layer).
+    split = max(1, min(2 * sms // max(n_programs, 1), x.shape[-2] // (8 * block_n)))
+    return {"block_h": 128, "block_n": block_n, "split_k": split, "num_warps": 8, "num_stages": 3}
+
+
+def gram_accumulate_triton(x, gram, colsum, mask=None, precision=None, config=None):
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be float32, bfloat16 or float16 for Triton, got {x.dtype}")
+    interpreted = x.device.type != "cuda"
+    kern = _backend.kernels("gram", x.device)
+    batched = x.dim() == 3
+    x3, g3, s3 = (x, gram, colsum) if batched else (x[None], gram[None], colsum[None])
+    m8 = None if mask is None else (mask != 0).to(torch.int8).contiguous()
+    dtypes = _triton_dtypes(kern.tl, x.dtype, precision, interpreted)
+    tiles = triton_cdiv(x.shape[-1], 128)
+    cfg = config or _config(x, interpreted, tiles * (tiles + 1) // 2 * x3.shape[0])
+    count = kern.launch(
+        x3,
+        g3,
+        s3,
+        m8,
+        round_dtype=dtypes[0],
+        dot_dtype=dtypes[1],
+        precision=dtypes[2],
+        **cfg,
+    )
+    return int(count.item())
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def symmetrize(gram):
