@@ -8,6 +8,8 @@ import importlib
 
 __version__ = "0.1.0"
 
+from fastdume import moe  # noqa: E402  registers DUME with transformers' Auto classes
+
 _LAZY = {
     "upcycle": "fastdume.upcycle",
     "RouterStats": "fastdume.router",

@@ -1,0 +1,29 @@
+"""Write a directory all at once: build it under a temporary sibling name, then rename it."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory that becomes `path` only if the block succeeds.
+
+    `path` must not exist or be an empty directory, so nothing a user had there is ever
+    overwritten or mixed with new files; on failure the temporary directory is removed.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output directory {str(path)!r} exists and is not empty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
