@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -75,6 +76,28 @@ def _spawn_entry(cfg, rank, world, port):
     os._exit(code)  # skip interpreter teardown: gloo threads of a dead peer must not block it
 
 
+_PRELOAD = [
+    "torch",
+    "transformers",
+    "fastdume.pipeline.runtime",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.mistral.modeling_mistral",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen3.modeling_qwen3",
+]
+
+
+def _mp_context():
+    # A fork server that has already imported torch and transformers starts stage processes in
+    # a fraction of a second instead of re-importing everything per process (and it is reused
+    # by later launches from the same parent). Elsewhere: plain spawn.
+    if sys.platform.startswith("linux"):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _clear(cfg, world):
     for r in range(world):
         _rank_file(cfg.out, r).unlink(missing_ok=True)
@@ -110,7 +133,7 @@ def launch(cfg: PipelineConfig):
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     _clear(cfg, world)
     port = _free_port()
-    ctx = mp.get_context("spawn")
+    ctx = _mp_context()
     procs = [ctx.Process(target=_spawn_entry, args=(cfg, r, world, port)) for r in range(world)]
     for p in procs:
         p.start()

@@ -81,7 +81,10 @@ class Stage:
             raise ValueError(f"world size must be stages x replicas = {S * R}, got {world}")
         self.stage, self.replica = divmod(rank, R)
         self.first, self.last = self.stage == 0, self.stage == S - 1
+        import transformers
         from transformers import AutoModelForCausalLM
+
+        transformers.utils.logging.disable_progress_bar()
 
         import fastdume  # noqa: F401  (registers DUME models with the Auto classes)
 
@@ -216,6 +219,7 @@ class Stage:
             step, cfg.replicas * cfg.micro_batches * cfg.micro_batch_size
         )
         count = max(1, int((labels[:, 1:] != IGNORE).sum()))
+        self.ctx.step = step
         saved, loss = {}, 0.0
         for op, mb in self.order:
             if op == "F":
@@ -224,7 +228,6 @@ class Stage:
                 self._backward(step, mb, saved)
         self.channel.flush()
         norm = self._reduce_grads()
-        self.ctx.step = step
         self.ctx.grads = {n: p.grad for n, p in self.params.items()}
         for h in self.hooks:
             h.before_step(self.ctx, step)

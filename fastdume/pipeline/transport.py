@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as _RawBackend
 
 from fastdume.ops import stream
 from fastdume.ops._ext import cpu_ext
@@ -37,7 +38,7 @@ class Channel:
         self.stage, self.rank_of = stage, rank_of  # rank_of(stage) -> global rank
         self.compress, self.block = compress, block
         self.timeout = timedelta(seconds=float(timeout))
-        self.group = group
+        self.group = group  # None: the default world group; or a raw ProcessGroup object
         self.pool = cpu_ext().BufferPool(8)
         self.pending = []  # outstanding sends: (work, tensors kept alive)
         self.bytes_sent = 0
@@ -53,9 +54,19 @@ class Channel:
         )
         dst = self.rank_of(to_stage)
         for part, t in enumerate((header, payload)):
-            work = dist.isend(t, dst, group=self.group, tag=_tag(kind, micro_batch, part))
+            work = self._isend(t, dst, _tag(kind, micro_batch, part))
             self.pending.append((work, t))
         self.bytes_sent += header.numel() + payload.numel()
+
+    def _isend(self, t, dst, tag):
+        if isinstance(self.group, _RawBackend):
+            return self.group.send([t], dst, tag)
+        return dist.isend(t, dst, group=self.group, tag=tag)
+
+    def _irecv(self, t, src, tag):
+        if isinstance(self.group, _RawBackend):
+            return self.group.recv([t], src, tag)
+        return dist.irecv(t, src, group=self.group, tag=tag)
 
     def _wait(self, work, what):
         try:
@@ -68,7 +79,7 @@ class Channel:
         what = "activations" if kind == ACT else "gradients"
         src = self.rank_of(from_stage)
         header = torch.empty(stream.HEADER_BYTES, dtype=torch.uint8)
-        work = dist.irecv(header, src, group=self.group, tag=_tag(kind, micro_batch, 0))
+        work = self._irecv(header, src, _tag(kind, micro_batch, 0))
         self._wait(work, f"receiving {what} header from {where}")
         info = stream.read_header(header, where)
         stream.check_header(
@@ -84,7 +95,7 @@ class Channel:
         buf_id, arr = self.pool.acquire(nbytes)
         try:
             payload = torch.from_numpy(arr)
-            work = dist.irecv(payload, src, group=self.group, tag=_tag(kind, micro_batch, 1))
+            work = self._irecv(payload, src, _tag(kind, micro_batch, 1))
             self._wait(work, f"receiving {what} from {where}")
             return stream.unpack(header, payload, where=where)
         finally:
