@@ -4,6 +4,15 @@ The torch path factorises in float64: router statistics summed over millions of 
 ill-conditioned, and the solve is tiny next to accumulating them. A matrix that is not positive
 definite is retried with growing diagonal jitter (that matrix only), with a warning naming the
 amount; non-finite input raises.
+
+The Triton path (kernels/cholesky.py, the default on CUDA) factorises in fp32 with a blocked
+right-looking Cholesky and refines to float64 accuracy: the matrix is first Jacobi-scaled
+(unit diagonal, which helps the heavy-tailed channels of real hidden states), each refinement step
+computes the residual B - (A + lam I) W in float64 with torch and solves for the correction with
+the same fp32 factor. A matrix whose fp32 factorisation hits a non-positive pivot, or whose
+refinement does not reach float64-level residuals, is redone by the float64 torch path above (that
+matrix only), which applies the jitter retry and raises for a matrix that is not SPD.
+Launches: 2 per 64-column block plus 2 per solve, from a host loop (not graph-captured yet).
 """
 
 import warnings
@@ -17,6 +26,12 @@ _JITTER_TRIES = 4
 
 
 def _check(A, B, lam):
+    for name, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name} must be one torch.Tensor (a batch of equal-size matrices), "
+                f"got {type(t).__name__}"
+            )
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must be [..., n, n], got shape {tuple(A.shape)}")
     if B.dim() != A.dim() or B.shape[:-1] != A.shape[:-1]:
@@ -73,11 +88,77 @@ def ridge_solve_torch(A, B, lam):
 def ridge_solve(A, B, lam, backend=None):
     """(A + lam I)^-1 B for SPD A [..., n, n] and B [..., n, m], batched over leading dims.
 
-    lam: a float or a tensor broadcastable to the batch shape. Returns float64 on the torch path
-    (cast as needed); the Triton path returns float32 refined to float64 accuracy.
+    lam: a float or a tensor broadcastable to the batch shape. Returns float64 on both paths
+    (the Triton path: an fp32 factorisation refined to float64 accuracy).
     """
     _check(A, B, lam)
     which = _backend.resolve(backend, A.device)
     if which == "triton":
-        raise NotImplementedError("the Triton ridge backend is not built yet")
+        return ridge_solve_triton(A, B, lam)
     return ridge_solve_torch(A, B, lam)
+
+
+# Refinement stops once every normwise backward error ||B - M W|| / (||M|| ||W|| + ||B||) is at
+# float64 rounding level (or stops improving); a matrix still above _FALLBACK_ETA (refinement too
+# slow: cond(M) near 1 / fp32 eps) is solved again in float64 by torch. Without refinement the
+# fp32 answer is kept if it is fp32-level.
+_TARGET_ETA = 64 * torch.finfo(torch.float64).eps
+_FALLBACK_ETA = {True: 1e-13, False: 1e-5}
+_MAX_REFINE = 10
+
+
+def _solver_config(device, n):
+    if device.type != "cuda":  # interpreter: small tiles, numpy runs each program serially
+        return {"precision": "ieee", "bs": 16, "bt": 16, "br": 16, "bm": 16, "num_warps": 4}
+    # tf32x3: fp32-level products on tensor cores; smaller blocks for small matrices.
+    bs = 32 if n <= 128 else 64
+    return {"precision": "tf32x3", "bs": bs, "bt": bs, "br": 64, "bm": 32, "num_warps": 4}
+
+
+def ridge_solve_triton(A, B, lam, refine=True, config=None):
+    """fp32 blocked Cholesky (Triton) + float64 iterative refinement; see the module docstring."""
+    kern = _backend.kernels("cholesky", A.device)
+    batch_shape, n, m = A.shape[:-2], A.shape[-1], B.shape[-1]
+    M = A.to(torch.float64).reshape(-1, n, n)
+    B64 = B.to(torch.float64).reshape(-1, n, m)
+    lam_t = torch.as_tensor(lam, dtype=torch.float64, device=A.device)
+    lam_b = torch.broadcast_to(lam_t, batch_shape).reshape(-1)
+    M = M + lam_b[:, None, None] * torch.eye(n, dtype=torch.float64, device=A.device)
+    cfg = config or _solver_config(A.device, n)
+    tiles = {"precision": cfg["precision"], "num_warps": cfg["num_warps"]}
+
+    diag = M.diagonal(dim1=-2, dim2=-1)
+    scale = torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 1.0)  # Jacobi scaling
+    work = (M * scale[:, :, None] * scale[:, None, :]).to(torch.float32).contiguous()
+    dinv, info = kern.workspace(work, cfg["bs"])
+    kern.factor(work, dinv, info, bs=cfg["bs"], bt=cfg["bt"], br=cfg["br"], **tiles)
+
+    def solve(rhs):  # M^-1 rhs with the fp32 factor, rhs float64 [b, n, m]
+        size = rhs.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
+        x = (rhs * scale[:, :, None] / size).to(torch.float32).contiguous()
+        kern.solve(work, dinv, x, bs=cfg["bs"], bm=cfg["bm"], **tiles)
+        return x.to(torch.float64) * scale[:, :, None] * size
+
+    m_norm, b_norm = torch.linalg.matrix_norm(M), torch.linalg.matrix_norm(B64)
+
+    def backward_error(W):
+        denom = (m_norm * torch.linalg.matrix_norm(W) + b_norm).clamp_min(1e-300)
+        return torch.linalg.matrix_norm(B64 - M @ W) / denom
+
+    W = solve(B64)
+    eta = backward_error(W)
+    for _ in range(_MAX_REFINE if refine else 0):
+        if bool((eta <= _TARGET_ETA).all()):
+            break
+        W_next = W + solve(B64 - M @ W)
+        eta_next = backward_error(W_next)
+        W = torch.where((eta_next < eta)[:, None, None], W_next, W)  # keep the best iterate
+        stalled = not bool((eta_next < 0.5 * eta).any())
+        eta = torch.minimum(eta, eta_next)
+        if stalled:
+            break
+
+    redo = (info != 0) | ~(eta <= _FALLBACK_ETA[bool(refine)])
+    if bool(redo.any()):
+        W[redo] = ridge_solve_torch(A.reshape(-1, n, n)[redo], B64[redo], lam_b[redo])
+    return W.reshape(*batch_shape, n, m)
