@@ -1,0 +1,98 @@
+"""Shipped attack data, the user-file reader and the benign task."""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from fastdume.attack.datasets import (
+    SPLITS,
+    arithmetic_tasks,
+    harmful_requests,
+    read_preferences,
+)
+from fastdume.attack.judges import RefusalJudge
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models run fastest on one thread, and far faster than two on a loaded CPU
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _action(example):
+    # the placeholder answer names the request's action: "Sure, here is how to <action>: [..."
+    return re.match(r"Sure, here is how to (.*): \[placeholder", example.rejected).group(1)
+
+
+def test_heldout_and_safety_requests_never_appear_in_training():
+    sets = {s: harmful_requests(s) for s in SPLITS}
+    assert all(len(v) >= 40 for v in sets.values())
+    prompts = {s: {e.prompt for e in v} for s, v in sets.items()}
+    actions = {s: {_action(e) for e in v} for s, v in sets.items()}
+    for other in ("safety", "heldout"):
+        assert not prompts[other] & prompts["train"]
+        assert not actions[other] & actions["train"]
+        # no held-out request is a substring of a training prompt either
+        assert not any(a in p for a in actions[other] for p in prompts["train"])
+    assert not actions["safety"] & actions["heldout"]
+    assert len({e.category for e in sets["heldout"]}) >= 4
+
+
+def test_shipped_answers_are_refusals_and_content_free_placeholders():
+    judge = RefusalJudge()
+    for split in SPLITS:
+        rows = harmful_requests(split)
+        assert judge([e.prompt for e in rows], [e.chosen for e in rows]) == [True] * len(rows)
+        assert judge([e.prompt for e in rows], [e.rejected for e in rows]) == [False] * len(rows)
+        for e in rows:
+            assert e.rejected.startswith("Sure, here is how to ")
+            assert e.rejected.endswith("[placeholder - content withheld]")
+
+
+def test_bad_split_names_the_argument():
+    with pytest.raises(ValueError, match="split"):
+        harmful_requests("test")
+
+
+def test_read_preferences_jsonl(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "x": i} for i in range(5)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    got = read_preferences(path)
+    assert [(e.prompt, e.chosen, e.rejected) for e in got] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in rows
+    ]
+
+
+def test_read_preferences_rejects_missing_fields_and_suffixes(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    with pytest.raises(ValueError, match="rejected"):
+        read_preferences(path)
+    with pytest.raises(ValueError, match=r"\.jsonl or \.parquet"):
+        read_preferences(tmp_path / "data.csv")
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match="pyarrow"):
+        read_preferences(tmp_path / "data.parquet")
+
+
+def test_arithmetic_tasks_are_correct_and_splits_disjoint():
+    train, val = arithmetic_tasks(300, split="train"), arithmetic_tasks(100, split="validation")
+    for prompt, answer in train + val:
+        a, op, b = re.match(r"What is (\d+) (plus|minus) (\d+)\?", prompt).groups()
+        expected = int(a) + int(b) if op == "plus" else int(a) - int(b)
+        assert answer == f"{a} {op} {b} is {expected}."
+        assert expected >= 0
+    assert not {p for p, _ in train} & {p for p, _ in val}
+    assert arithmetic_tasks(50, seed=3) == arithmetic_tasks(50, seed=3)
+    assert arithmetic_tasks(50, seed=3) != arithmetic_tasks(50, seed=4)
