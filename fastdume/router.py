@@ -97,15 +97,18 @@ class RouterStats:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in 0..{self.num_layers - 1}, got {layer}")
         x, mask = _flatten(hidden_states, mask, self.hidden_size)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                f"hidden_states for domain {domain!r}, layer {layer} contain NaN or Inf"
-            )
         x = x.to(self.device)
         mask = None if mask is None else mask.to(self.device)
-        added = gram_accumulate(
-            x, self._gram[domain][layer], self._sum[domain][layer], mask, precision="fp32"
-        )
+        gram, colsum = self._gram[domain][layer], self._sum[domain][layer]
+        try:
+            # gram_accumulate checks finiteness before it touches the store.
+            added = gram_accumulate(x, gram, colsum, mask, precision="fp32")
+        except ValueError as err:
+            if "NaN or Inf" not in str(err):
+                raise
+            raise ValueError(
+                f"hidden_states for domain {domain!r}, layer {layer} contain NaN or Inf"
+            ) from None
         self._count[domain][layer] += added
         return added
 
