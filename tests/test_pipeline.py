@@ -208,3 +208,26 @@ def test_killed_stage_fails_everyone_fast(setup):
         assert f"stage {s} replica 0 (rank {s}): PeerError: stage {s}:" in msg
     assert "did not exit in time" not in msg
     assert elapsed < timeout + 30
+
+
+def test_cli_writes_summary_and_loadable_model(setup, reference, capsys):
+    from fastdume.cli import main
+
+    out, js = setup / "cli", setup / "cli.json"
+    argv = [
+        "pipeline-train", "--model", str(setup / "model"), "--data", str(setup / "sft.jsonl"),
+        "--stages", "2", "--micro-batches", "2", "--micro-batch-size", "2", "--seq-len", "24",
+        "--steps", str(STEPS), "--out", str(out), "--lr", "3e-3", "--warmup", "1",
+        "--max-grad-norm", "0.5", "--schedule", "gpipe", "--json", str(js),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(js.read_text())
+    torch.testing.assert_close(
+        torch.tensor(summary["losses"]), torch.tensor(reference[0]), rtol=0, atol=1e-5
+    )
+    assert "stage 1: layers 2..3" in capsys.readouterr().out
+    _assert_same_weights(_merged(out), reference[1], 1e-5)
+    bad = argv[:]
+    bad[bad.index("--stages") + 1] = "9"
+    assert main(bad) == 1
+    assert "num_stages must be in 1..4 (layers), got 9" in capsys.readouterr().err
