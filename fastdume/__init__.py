@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 
 from fastdume import moe  # noqa: E402  registers DUME with transformers' Auto classes
 
+# Eager, because importing the submodule fastdume.upcycle would otherwise rebind the package
+# attribute `upcycle` to that module, and `fastdume.upcycle(...)` would stop being the function.
+from fastdume.upcycle import upcycle  # noqa: E402, F401
+
 _LAZY = {
     "upcycle": "fastdume.upcycle",
     "RouterStats": "fastdume.router",

@@ -7,6 +7,14 @@ import tempfile
 from pathlib import Path
 
 
+def check_writable_directory(path):
+    """`path` as a Path if it can receive a new directory; FileExistsError if it holds anything."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output directory {str(path)!r} exists and is not empty")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
     """Yield a temporary directory that becomes `path` only if the block succeeds.
@@ -14,9 +22,7 @@ def atomic_directory(path):
     `path` must not exist or be an empty directory, so nothing a user had there is ever
     overwritten or mixed with new files; on failure the temporary directory is removed.
     """
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"output directory {str(path)!r} exists and is not empty")
+    path = check_writable_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     try:

@@ -39,7 +39,8 @@ class DumeConfig(PreTrainedConfig):
     """Config of a DUME MoE: the dense config it was built from plus the routing settings.
 
     base_config: dict of the dense config (with its model_type); domains: one name per expert,
-    in expert order; top_k / router_temperature: routing (logits / T, top-k, softmax over k).
+    in expert order; top_k / router_temperature: routing (logits / T, top-k, softmax over k);
+    shared: how fastdume.upcycle made the non-expert weights ("mean" or "base:<dir>").
     """
 
     model_type = "dume"
@@ -50,6 +51,7 @@ class DumeConfig(PreTrainedConfig):
     top_k: int = 1
     router_temperature: float = 1.0
     dense_family: str | None = None
+    shared: str = "mean"  # how the non-expert weights were made: "mean" or "base:<dir>"
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

@@ -1,0 +1,137 @@
+"""upcycle: merge dense domain experts of one family into a DUME model, tensor by tensor.
+
+Every layer's MLP of expert e becomes expert e of that layer's DumeMoE; every other tensor is
+the unweighted mean over the experts (shared="mean", the paper) or the base model's tensor
+(shared="base:<dir>", which keeps router statistics exact when experts are added later).
+Checkpoints are read one tensor at a time from safetensors, so the peak memory is the result
+plus one tensor per expert being merged (plus one fp32 accumulator), never whole experts.
+Routers start at zero (every token goes to expert 0) until fastdume.fit_router sets them.
+"""
+
+import torch
+
+from fastdume.modeling_dume import DumeConfig, DumeForCausalLM, family_class
+from fastdume.upcycle_sources import check_configs, check_tensors, check_vocabularies, open_sources
+
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _mlp_key(layer, part):
+    return f"model.layers.{layer}.mlp.{part}.weight"
+
+
+def dense_layout(config):
+    """name -> shape of every tensor a dense checkpoint of `config` must hold."""
+    with torch.device("meta"):
+        model = family_class(config.model_type, 2)(config)
+    layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        layout.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    return layout
+
+
+def _default_domains(sources):
+    return [s.default_name if s.default_name else f"expert{i}" for i, s in enumerate(sources)]
+
+
+def _check_domains(domains, count):
+    if isinstance(domains, str) or len(domains) != count:
+        raise ValueError(
+            f"domains must be a list of {count} names (one per expert), got {domains!r}"
+        )
+    seen = set()
+    for name in domains:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"domains must be non-empty strings, got {name!r}")
+        if name in seen:
+            raise ValueError(f"domain name {name!r} is used twice in domains={list(domains)}")
+        seen.add(name)
+
+
+def _parse_shared(shared):
+    if shared == "mean":
+        return None
+    if isinstance(shared, str) and shared.startswith("base:") and len(shared) > 5:
+        return shared[5:]
+    raise ValueError(f"shared must be 'mean' or 'base:<dir>', got {shared!r}")
+
+
+def _empty_model(config, dtype):
+    """The DUME model with uninitialised storage (routers fp32), allocated once in `dtype`."""
+    with torch.device("meta"):
+        model = DumeForCausalLM(config)
+    model.to(dtype)  # on meta: free; the routers stay fp32
+    model.to_empty(device="cpu")
+    # Non-persistent buffers (rotary frequencies) are computed by the constructor: rebuild them.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.model.config)
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.no_grad()
+def _fill_shared(target, sources, shared_source, layout):
+    for key in layout:
+        if ".mlp." in key:
+            continue
+        if shared_source is not None:
+            target[key].copy_(shared_source.get(key))
+            continue
+        # fp32 running sum, one expert's tensor at a time; a copy, as model sources lend
+        # their own tensors
+        total = sources[0].get(key).to(torch.float32, copy=True)
+        for source in sources[1:]:
+            total.add_(source.get(key))
+        target[key].copy_(total.div_(len(sources)))
+
+
+@torch.no_grad()
+def _fill_experts(model, sources, num_layers):
+    inter = model.model.config.intermediate_size
+    for layer, moe in enumerate(model.dume_layers()):
+        gate_up, down = moe.experts.gate_up_proj, moe.experts.down_proj
+        for e, source in enumerate(sources):
+            gate_up[e, :inter].copy_(source.get(_mlp_key(layer, "gate_proj")))
+            gate_up[e, inter:].copy_(source.get(_mlp_key(layer, "up_proj")))
+            down[e].copy_(source.get(_mlp_key(layer, "down_proj")))
+        moe.router.weight.zero_()
+        moe.router.bias.zero_()
+
+
+def upcycle(experts, domains=None, shared="mean", dtype=None, top_k=1, temperature=1.0):
+    """Merge dense experts (HF directories or PreTrainedModel objects) into a DumeForCausalLM.
+
+    experts: list of E >= 1 models of one family (Llama, Mistral, Qwen2, Qwen3) and one config.
+    domains: one distinct name per expert (default: directory names, else "expert<i>").
+    shared: "mean" | "base:<dir>". dtype: result dtype (default: the first expert's).
+    Everything is checked before any tensor is merged; a mismatch raises ValueError naming the
+    first differing config field, tensor name or shape, or tokenizer entry.
+    """
+    if isinstance(experts, (str, bytes)) or not hasattr(experts, "__len__") or not experts:
+        raise ValueError(
+            f"experts must be a non-empty list of directories or models, got {experts!r}"
+        )
+    base_dir = _parse_shared(shared)
+    with open_sources(experts, base_dir) as (sources, base):
+        domains = list(domains) if domains is not None else _default_domains(sources)
+        _check_domains(domains, len(sources))
+        config = check_configs(sources, base)
+        check_vocabularies(sources, base)
+        layout = dense_layout(config)
+        check_tensors(sources, base, layout)
+        if dtype is None:
+            dtype = sources[0].dtype
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        dume_config = DumeConfig(
+            base_config=config.to_dict(),
+            domains=domains,
+            top_k=top_k,
+            router_temperature=temperature,
+            shared="mean" if base is None else f"base:{base_dir}",
+        )
+        model = _empty_model(dume_config, dtype)
+        target = model.state_dict()
+        _fill_shared(target, sources, base, layout)
+        _fill_experts(model, sources, config.num_hidden_layers)
+    return model
