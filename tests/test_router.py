@@ -206,3 +206,135 @@ def test_accumulation_error_on_10m_tokens():
     print(f"10M tokens: fp32 products + fp64 store {err_ours:.2e}, fp32 store {err_fp32:.2e}")
     assert err_ours < 2e-6
     assert err_fp32 > 5 * err_ours
+
+
+# --- collect_stats / fit_router on a real (tiny) DUME model -----------------------------------
+
+
+def _model(seed=0, **overrides):
+    from tiny_models import tiny_dume
+
+    return tiny_dume("llama", domains=("a", "b", "c"), seed=seed, **overrides)
+
+
+def _batches(seed=0, count=3, batch=3, seq=10):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, 256, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[1, 6:] = 0  # right padding
+        mask[2, :3] = 0  # left padding
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _reference_inputs(model, domain, batches, skip_first=False):
+    """MoE inputs per layer, taken independently as the output of post_attention_layernorm
+    under oracle routing, with the padding (and first tokens) removed."""
+    from fastdume.moe import forced_expert
+
+    captured = []
+    norms = [layer.post_attention_layernorm for layer in model.model.layers]
+    per_layer = [[] for _ in norms]
+    hooks = [
+        n.register_forward_hook(lambda m, a, out, i=i: captured.append((i, out)))
+        for i, n in enumerate(norms)
+    ]
+    with torch.no_grad(), forced_expert(model, domain):
+        for b in batches:
+            captured.clear()
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            keep = b["attention_mask"].bool()
+            if skip_first:
+                first = keep.long().argmax(dim=1)
+                keep[torch.arange(keep.shape[0]), first] = False
+            for i, out in captured:
+                per_layer[i].append(out[keep].double())
+    for h in hooks:
+        h.remove()
+    return [torch.cat(xs) for xs in per_layer]
+
+
+def _assert_stats_equal_reference(stats, domain, inputs):
+    for layer, x in enumerate(inputs):
+        x = x.numpy()
+        assert_close(stats.gram(domain)[layer].numpy(), x.T @ x, rtol=1e-5)
+        assert_close(stats.colsum(domain)[layer].numpy(), x.sum(0), rtol=1e-5)
+        assert int(stats.count(domain)[layer]) == x.shape[0]
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_collect_stats_matches_norm_outputs_and_excludes_padding(skip_first):
+    from fastdume.router import collect_stats
+
+    model, batches = _model(), _batches()
+    stats = collect_stats(model, "b", batches, skip_first_token=skip_first, progress=False)
+    assert stats.domains == ["b"] and stats.num_layers == 2 and stats.hidden_size == 64
+    _assert_stats_equal_reference(stats, "b", _reference_inputs(model, "b", batches, skip_first))
+    assert all(m.force_expert is None for m in model.dume_layers())
+    assert not any(m._forward_pre_hooks for m in model.dume_layers())
+
+
+def test_collect_stats_max_tokens_bare_tensors_and_extension():
+    from fastdume.router import collect_stats
+
+    model, batches = _model(), _batches()
+    whole = collect_stats(model, "a", batches, progress=False)
+    part = collect_stats(model, "a", batches[:1], progress=False)
+    extended = collect_stats(model, "c", batches, stats=part, progress=False)
+    extended = collect_stats(model, "a", batches[1:], stats=extended, progress=False)
+    assert extended is part and extended.domains == ["a", "c"]
+    assert_close(extended.gram("a").numpy(), whole.gram("a").numpy(), rtol=1e-6)
+    assert extended.tokens("a") == whole.tokens("a")
+    # 23 valid tokens per batch: the bound stops inside the second batch, in row-major order
+    bounded = collect_stats(model, "a", batches, max_tokens=30, progress=False)
+    assert bounded.count("a").tolist() == [30, 30]
+    full = _reference_inputs(model, "a", batches[:2])
+    for layer in range(2):
+        x = full[layer][:30].numpy()
+        assert_close(bounded.gram("a")[layer].numpy(), x.T @ x, rtol=1e-5)
+    bare = collect_stats(model, "a", [b["input_ids"] for b in batches], progress=False)
+    assert bare.tokens("a") == sum(b["input_ids"].numel() for b in batches)
+
+
+def test_collect_stats_bad_input():
+    from fastdume.router import collect_stats
+
+    model = _model()
+    with pytest.raises(ValueError, match="domain must be one of the model's domains"):
+        collect_stats(model, "zzz", _batches(), progress=False)
+    with pytest.raises(ValueError, match="no tokens collected"):
+        collect_stats(model, "a", [], progress=False)
+    masked = [{**b, "attention_mask": torch.zeros_like(b["attention_mask"])} for b in _batches()]
+    with pytest.raises(ValueError, match="no tokens collected"):
+        collect_stats(model, "a", masked, progress=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        collect_stats(model, "a", _batches(), max_tokens=0, progress=False)
+    other = _model(seed=1)
+    stats = collect_stats(other, "a", _batches(), progress=False)
+    with pytest.raises(ValueError, match="other shared weights"):
+        collect_stats(model, "a", _batches(), stats=stats, progress=False)
+
+
+def test_fit_router_writes_solution_in_model_domain_order_and_checks_model(tmp_path):
+    from fastdume.router import collect_stats, fit_router, solve_router
+
+    model = _model()
+    stats = None
+    for d in ["c", "a", "b"]:  # stats order differs from the model's expert order
+        stats = collect_stats(model, d, _batches(seed=ord(d)), stats=stats, progress=False)
+    fit_router(model, stats)
+    weight, bias = solve_router(stats.select(["a", "b", "c"]))
+    for layer, moe in enumerate(model.dume_layers()):
+        assert moe.router.weight.dtype == torch.float32
+        assert torch.allclose(moe.router.weight.double(), weight[layer], atol=1e-6)
+        assert torch.allclose(moe.router.bias.double(), bias[layer], atol=1e-6)
+    path = stats.save(tmp_path / "s.safetensors")
+    assert RouterStats.load(path, model=model).domains == ["c", "a", "b"]
+    with pytest.raises(ValueError, match="other shared weights"):
+        RouterStats.load(path, model=_model(seed=1))
+    with pytest.raises(ValueError, match="num_layers, hidden_size"):
+        fit_router(_model(num_hidden_layers=3), stats)
+    with pytest.raises(ValueError, match=r"stats lack the model's domains \['b'\]"):
+        fit_router(model, stats.select(["a", "c"]))
