@@ -1,0 +1,34 @@
+"""Detectors of a malicious pipeline stage, all running through the pipeline's stage hooks.
+
+- UpdateAudit: replays each optimiser step and compares with the stage's parameters (exact).
+- RecomputeSampler / PinnedRecompute: recompute sampled micro-batches of a stage's forward.
+- UpdateStats: spikes and periodic patterns in per-stage update norms.
+- TrafficStats: running-average z-scores of activations sent and gradients received.
+- ReplicaFingerprint: data-parallel replicas of a stage must stay bitwise equal.
+
+Pipeline hook spec: "fastdume.defense.hooks:make_hooks". Measurement: run_defense_report().
+"""
+
+from .audit import UpdateAudit, replay_step
+from .hooks import DETECTORS, make_hooks
+from .recompute import PinnedRecompute, RecomputeSampler, verify_recompute
+from .replica import ReplicaFingerprint, replica_divergence
+from .report import run_defense_report
+from .traffic import TrafficStats
+from .update_stats import UpdateStats, update_scores
+
+__all__ = [
+    "DETECTORS",
+    "PinnedRecompute",
+    "RecomputeSampler",
+    "ReplicaFingerprint",
+    "TrafficStats",
+    "UpdateAudit",
+    "UpdateStats",
+    "make_hooks",
+    "replay_step",
+    "replica_divergence",
+    "run_defense_report",
+    "update_scores",
+    "verify_recompute",
+]

@@ -1,0 +1,395 @@
+"""Measure every detector against the weight-injection attack: detection rate and first step per
+attack setting, false positives on clean runs, and cost. `run_defense_report` is what
+`fastdume attack demo --defend` calls."""
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from . import analysis, calibrate, sim
+from .recompute import llama_stage_forward, verify_recompute
+from .replica import replica_divergence
+
+HOOKS = "fastdume.defense.hooks:make_hooks"
+INJECT = "fastdume.defense.synthetic:injection_hooks"
+STATISTICAL = ("update_stats", "traffic")
+ORDER = ("audit", "recompute", "recompute_pinned", "update_stats", "traffic", "replica")
+
+
+def attack_settings(steps, start=10):
+    """(label, schedule) pairs: one-shot w, the paper's iterative lambda/F, and low-and-slow."""
+    mid = steps // 2
+    return [
+        ("one-shot w=0.35", dict(mode="oneshot", w=0.35, at_step=mid)),
+        ("one-shot w=1.0", dict(mode="oneshot", w=1.0, at_step=mid)),
+        ("iter lam=0.02 F=10", dict(mode="iterative", lam=0.02, every=10, start=start)),
+        ("iter lam=0.05 F=10", dict(mode="iterative", lam=0.05, every=10, start=start)),
+        ("iter lam=0.1 F=10", dict(mode="iterative", lam=0.1, every=10, start=start)),
+        ("iter lam=0.02 F=5", dict(mode="iterative", lam=0.02, every=5, start=start)),
+        ("low-slow lam=0.002 F=1", dict(mode="iterative", lam=0.002, every=1, start=start)),
+        ("low-slow lam=0.0005 F=1", dict(mode="iterative", lam=0.0005, every=1, start=start)),
+    ]
+
+
+def first_injection(schedule):
+    return schedule["at_step"] if schedule["mode"] == "oneshot" else schedule.get("start", 0)
+
+
+@contextmanager
+def _one_thread():
+    # Tiny models on a shared CPU: one thread avoids oversubscription stalls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Verifier:
+    """Recomputation of the intermediate stages from the messages of a run."""
+
+    def __init__(self, cfg):
+        mc = sim._model_config(cfg)
+        self.ranges = sim.layer_ranges(cfg.layers, cfg.stages)
+        self.forward = {
+            s: llama_stage_forward(mc, self.ranges[s]) for s in range(1, cfg.stages - 1)
+        }
+        self.seconds = {}
+
+    def first_steps(self, messages, prefix):
+        t0 = time.perf_counter()
+        out = {s: verify_recompute(messages, s, f, prefix=prefix) for s, f in self.forward.items()}
+        self.seconds[prefix] = self.seconds.get(prefix, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def _analyse_run(res, verifier, attack_stage):
+    """Per detector that ran: first flagged step per stage (statistical ones: score series)."""
+    m = res["metrics"]
+    stages = analysis.stages_of(m)
+    ran = set().union(*(mm.keys() for mm in m.values()))
+    out = {}
+    if "audit.flag" in ran:
+        out["audit"] = {
+            s: calibrate.first_exceedance(analysis.audit_series(m, s), 0.5) for s in stages
+        }
+    if "ustats.lognorm" in ran:
+        out["update_stats"] = {s: analysis.update_series(m, s) for s in stages}
+    if "traffic.act_z" in ran:
+        out["traffic"] = {s: analysis.traffic_series(m, s) for s in stages}
+    for prefix in ("recompute", "recompute_pinned"):
+        if f"{prefix}.bytes" in ran:
+            res_v = verifier.first_steps(res["messages"], prefix)
+            out[prefix] = {s: r["first_step"] for s, r in res_v.items()}
+    if "replica.digest" in ran and res["config"]["replicas"] > 1:
+        out["replica"] = {s: replica_divergence(m, s)["first_step"] for s in stages}
+    out["_seconds"] = {d: analysis.detector_seconds(m, d) for d in ORDER}
+    out["_bytes"] = {
+        p: sum(sum(mm.get(f"{p}.bytes", [])) for mm in m.values())
+        for p in ("recompute", "recompute_pinned")
+    }
+    out["_train_seconds"] = res["train_seconds"]
+    out["_val_loss"] = res["val_loss"]
+    return out
+
+
+def _decide(run, detector, thresholds):
+    """{stage: first flagged step or None} for one analysed run."""
+    per = run.get(detector)
+    if per is None:
+        return None
+    if detector in STATISTICAL:
+        return {s: calibrate.first_exceedance(v, thresholds[detector]) for s, v in per.items()}
+    return per
+
+
+def _summary_attack(runs, detector, thresholds, attack_stage, inject_at):
+    decided = [_decide(r, detector, thresholds) for r in runs]
+    if any(d is None for d in decided):
+        return None
+    firsts = [d.get(attack_stage) for d in decided]
+    hits = [f for f in firsts if f is not None]
+    others = sum(any(v is not None for s, v in d.items() if s != attack_stage) for d in decided)
+    return {
+        "detected": len(hits),
+        "runs": len(runs),
+        "rate": len(hits) / len(runs),
+        "first_step_median": statistics.median(hits) if hits else None,
+        "delay_median": statistics.median(h - inject_at for h in hits) if hits else None,
+        "other_stages_flagged_runs": others,
+    }
+
+
+def _summary_clean(runs, detector, thresholds):
+    decided = [_decide(r, detector, thresholds) for r in runs]
+    if any(d is None for d in decided) or not runs:
+        return None
+    k = sum(any(v is not None for v in d.values()) for d in decided)
+    return {
+        "runs": len(runs),
+        "false_positives": k,
+        "fpr": k / len(runs),
+        "ci95": calibrate.wilson_interval(k, len(runs)),
+    }
+
+
+def _training_bytes(cfg):
+    """Bytes of one training step's traffic: activations forward and gradients back across every
+    stage boundary, every micro-batch and replica (fp32, uncompressed)."""
+    act = cfg.micro_batch * cfg.seq_len * cfg.hidden * 4
+    return 2 * (cfg.stages - 1) * cfg.micro_batches * cfg.replicas * act
+
+
+def _costs(runs, verify_seconds, cfg, detectors):
+    """Extra compute (detector hook time + offline verification over training time) and extra
+    traffic (bytes sent to a verifier over training traffic) per detector."""
+    train = sum(r["_train_seconds"] for r in runs)
+    traffic = _training_bytes(cfg) * cfg.steps * len(runs)
+    out = {}
+    for d in detectors:
+        sec = sum(r["_seconds"][d] for r in runs) + verify_seconds.get(d, 0.0)
+        sent = sum(r["_bytes"].get(d, 0.0) for r in runs)
+        if d == "replica":  # one digest and the projection per replica and step
+            sent = 8 * 5 * cfg.stages * cfg.replicas * cfg.steps * len(runs)
+        out[d] = {"compute_share": sec / max(train, 1e-9), "traffic_share": sent / traffic}
+    return out
+
+
+def _run_many(runner, cfg, seeds, kwargs, verifier, attack_stage, desc, progress):
+    out = []
+    for seed in seeds:
+        kw = dict(kwargs)
+        dk = {d: dict(v) for d, v in kw.get("detector_kwargs", {}).items()}
+        for d in ("recompute", "recompute_pinned"):
+            dk.setdefault(d, {})["seed"] = seed  # the verifier's sampling, unknown to the stage
+        kw["detector_kwargs"] = dk
+        res = runner(cfg, seed, HOOKS, kw)
+        out.append(_analyse_run(res, verifier, attack_stage))
+        if progress:
+            print(f"  {desc} seed {seed}: done", flush=True)
+    return out
+
+
+def run_defense_report(
+    quick=False,
+    seeds=None,
+    attack_seeds=None,
+    fpr=0.01,
+    steps=None,
+    attack_stage=2,
+    delta=None,
+    replicas=2,
+    json_path=None,
+    runner=None,
+    verbose=True,
+    progress=False,
+    settings=None,
+    score_floor=3.0,
+):
+    """Run clean and attacked trainings with every detector on, calibrate, measure, print a table.
+
+    quick: a few seeds and steps (tests, smoke runs). seeds: clean runs for calibration and
+    as many held-out (default 20 each, quick 4). attack_seeds: runs per attack setting (5, quick
+    2). delta: {param name: tensor} of the attacker's stage (default: a synthetic surrogate Delta
+    on the in-process driver). runner(cfg, seed, hooks_spec, hooks_kwargs) -> dict with metrics,
+    messages, train_seconds, val_loss (default: fastdume.defense.sim.run). replicas: R of the
+    replica-divergence runs (R = 1 runs cannot see it). score_floor: the least threshold of the
+    statistical detectors (z units). Returns the numbers as a dict.
+    """
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    if replicas < 2:
+        raise ValueError(f"replicas must be >= 2 for the replica runs, got {replicas}")
+    t_start = time.perf_counter()
+    seeds = seeds or (4 if quick else 20)
+    attack_seeds = attack_seeds or (2 if quick else 5)
+    cfg = sim.SimConfig(steps=steps or (30 if quick else 50))
+    runner = runner or (lambda c, seed, spec, kw: sim.run(c, seed, spec, kw))
+    with _one_thread():
+        delta = delta if delta is not None else sim.synthetic_delta(cfg, stage=attack_stage)
+        verifier = _Verifier(cfg)
+        dets = [d for d in ORDER if d != "replica"]
+        base_kw = {
+            "detectors": dets,
+            "detector_kwargs": {"recompute": {"rate": 0.25}, "recompute_pinned": {"rate": 0.25}},
+        }
+        run = lambda c, s, kw, desc: _run_many(
+            runner, c, s, kw, verifier, attack_stage, desc, progress
+        )
+        calib = run(cfg, range(1000, 1000 + seeds), base_kw, "calibration")
+        thresholds = {
+            d: calibrate.gumbel_threshold(
+                [max(max(v, default=0.0) for v in r[d].values()) for r in calib],
+                fpr,
+                floor=score_floor,
+            )
+            for d in STATISTICAL
+        }
+        clean = run(cfg, range(seeds), base_kw, "clean")
+        settings = settings or attack_settings(cfg.steps)
+        attacks = {}
+        for label, sched in settings:
+            kw = dict(
+                base_kw,
+                attack=INJECT,
+                attack_kwargs=dict(
+                    delta=delta, target_stage=attack_stage, target_replica=0, **sched
+                ),
+            )
+            runs = run(cfg, range(attack_seeds), kw, label)
+            attacks[label] = (sched, runs)
+        # Replica divergence needs R >= 2 (every replica of every stage fingerprints itself).
+        rcfg = replace(cfg, replicas=replicas)
+        rkw = {"detectors": ["audit", "replica"]}
+        rclean = run(rcfg, range(max(2, seeds // 2)), rkw, f"clean R={replicas}")
+        rattacks = {}
+        for label, sched in settings[:1] + settings[2:3] + settings[6:7]:
+            kw = dict(
+                rkw,
+                attack=INJECT,
+                attack_kwargs=dict(
+                    delta=delta, target_stage=attack_stage, target_replica=0, **sched
+                ),
+            )
+            rattacks[label] = (sched, run(rcfg, range(max(1, attack_seeds // 2)), kw, label))
+    report = _assemble(
+        cfg, rcfg, fpr, thresholds, clean, attacks, rclean, rattacks, verifier, attack_stage, calib
+    )
+    report["wall_seconds"] = time.perf_counter() - t_start
+    if verbose:
+        print_report(report)
+    if json_path:
+        write_json(report, json_path)
+    return report
+
+
+def _assemble(cfg, rcfg, fpr, thresholds, clean, attacks, rclean, rattacks, verifier, stage, calib):
+    dets = [d for d in ORDER if d != "replica"]
+    clean_sum = {d: _summary_clean(clean, d, thresholds) for d in dets}
+    clean_sum["replica"] = _summary_clean(rclean, "replica", thresholds)
+    clean_loss = statistics.mean(r["_val_loss"] for r in clean)
+    out_attacks = {}
+    for label, (sched, runs) in attacks.items():
+        inj = first_injection(sched)
+        det = {d: _summary_attack(runs, d, thresholds, stage, inj) for d in dets}
+        if label in rattacks:
+            det["replica"] = _summary_attack(rattacks[label][1], "replica", thresholds, stage, inj)
+        out_attacks[label] = {
+            "schedule": dict(sched),
+            "first_injection_step": inj,
+            "val_loss_change": statistics.mean(r["_val_loss"] for r in runs) / clean_loss - 1,
+            "detectors": det,
+        }
+    r1_runs = calib + clean + [r for _, rs in attacks.values() for r in rs]
+    costs = _costs(r1_runs, verifier.seconds, cfg, dets)
+    rruns = rclean + [r for _, rs in rattacks.values() for r in rs]
+    costs["replica"] = _costs(rruns, {}, rcfg, ["replica"])["replica"]
+    report = {
+        "device": "cpu (in-process pipeline driver fastdume.defense.sim, tiny Llama)",
+        "config": {k: v for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") else cfg,
+        "attack_stage": stage,
+        "fpr_target": fpr,
+        "thresholds": thresholds,
+        "clean": clean_sum,
+        "attacks": out_attacks,
+        "cost": costs,
+    }
+    report["targets"] = _targets(report)
+    return report
+
+
+def _targets(rep):
+    """Check the issue's two targets on the measured numbers."""
+    audit_ok = rep["clean"]["audit"]["false_positives"] == 0 and all(
+        a["detectors"]["audit"]["rate"] == 1.0 and a["detectors"]["audit"]["delay_median"] == 0
+        for a in rep["attacks"].values()
+    )
+    iterative = [
+        a
+        for a in rep["attacks"].values()
+        if a["schedule"]["mode"] == "iterative" and a["schedule"]["every"] > 1
+    ]
+    cheap = []
+    for d in STATISTICAL:
+        ok = (
+            rep["cost"][d]["compute_share"] < 0.05
+            and rep["clean"][d]["fpr"] <= rep["fpr_target"]
+            and all(a["detectors"][d]["rate"] == 1.0 for a in iterative)
+        )
+        if ok:
+            cheap.append(d)
+    return {
+        "audit_first_step_zero_fp": audit_ok,
+        "cheap_statistical_detectors_meeting_target": cheap,
+    }
+
+
+def _cell(s):
+    if s is None:
+        return "-"
+    delay = "" if s["delay_median"] is None else f" +{s['delay_median']:g}"
+    return f"{s['detected']}/{s['runs']}{delay}"
+
+
+def print_report(rep):
+    cols = list(ORDER)
+    w = 18
+    print(
+        f"Detectors vs a weight-injection attacker on stage {rep['attack_stage']} "
+        f"({rep['device']}); cell = detected/runs +median delay in steps"
+    )
+    print("setting".ljust(26) + "".join(c.rjust(w) for c in cols) + "  dloss")
+    for label, a in rep["attacks"].items():
+        cells = [_cell(a["detectors"].get(c)) for c in cols]
+        print(
+            label.ljust(26)
+            + "".join(x.rjust(w) for x in cells)
+            + f"  {100 * a['val_loss_change']:+.2f}%"
+        )
+    fp = []
+    for c in cols:
+        s = rep["clean"].get(c)
+        fp.append("-" if s is None else f"{s['false_positives']}/{s['runs']} FP")
+    print("clean runs".ljust(26) + "".join(x.rjust(w) for x in fp))
+    cost = [
+        f"{100 * rep['cost'][c]['compute_share']:.1f}%cpu "
+        f"{100 * rep['cost'][c]['traffic_share']:.0f}%net"
+        for c in cols
+    ]
+    print("cost".ljust(26) + "".join(x.rjust(w) for x in cost))
+    print(
+        "thresholds (calibrated for run-level FPR "
+        f"{rep['fpr_target']:g}): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in rep["thresholds"].items())
+    )
+    print(f"targets: {rep['targets']}")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if torch.is_tensor(x):
+        return x.tolist()
+    return x
+
+
+def write_json(report, path):
+    """Write the report through a temporary name, so a crash never leaves half a file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(report), f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
