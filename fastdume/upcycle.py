@@ -8,6 +8,9 @@ plus one tensor per expert being merged (plus one fp32 accumulator), never whole
 Routers start at zero (every token goes to expert 0) until fastdume.fit_router sets them.
 """
 
+import os
+from collections.abc import Mapping
+
 import torch
 
 from fastdume.modeling_dume import DumeConfig, DumeForCausalLM, family_class
@@ -101,16 +104,26 @@ def _fill_experts(model, sources, num_layers):
 def upcycle(experts, domains=None, shared="mean", dtype=None, top_k=1, temperature=1.0):
     """Merge dense experts (HF directories or PreTrainedModel objects) into a DumeForCausalLM.
 
-    experts: list of E >= 1 models of one family (Llama, Mistral, Qwen2, Qwen3) and one config.
+    experts: list of E >= 1 models of one family (Llama, Mistral, Qwen2, Qwen3) and one config,
+    or a dict domain -> model (then the keys are the domains).
     domains: one distinct name per expert (default: directory names, else "expert<i>").
     shared: "mean" | "base:<dir>". dtype: result dtype (default: the first expert's).
+    top_k, temperature: routing settings stored in the config.
     Everything is checked before any tensor is merged; a mismatch raises ValueError naming the
     first differing config field, tensor name or shape, or tokenizer entry.
     """
+    if isinstance(experts, Mapping):
+        if domains is not None:
+            raise ValueError(
+                "domains must be None when experts is a dict (its keys are the domains)"
+            )
+        domains, experts = list(experts.keys()), list(experts.values())
     if isinstance(experts, (str, bytes)) or not hasattr(experts, "__len__") or not experts:
         raise ValueError(
             f"experts must be a non-empty list of directories or models, got {experts!r}"
         )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     base_dir = _parse_shared(shared)
     with open_sources(experts, base_dir) as (sources, base):
         domains = list(domains) if domains is not None else _default_domains(sources)
@@ -119,16 +132,13 @@ def upcycle(experts, domains=None, shared="mean", dtype=None, top_k=1, temperatu
         check_vocabularies(sources, base)
         layout = dense_layout(config)
         check_tensors(sources, base, layout)
-        if dtype is None:
-            dtype = sources[0].dtype
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        dtype = dtype or sources[0].dtype or torch.float32
         dume_config = DumeConfig(
             base_config=config.to_dict(),
             domains=domains,
             top_k=top_k,
             router_temperature=temperature,
-            shared="mean" if base is None else f"base:{base_dir}",
+            shared="mean" if base is None else f"base:{os.path.abspath(base_dir)}",
         )
         model = _empty_model(dume_config, dtype)
         target = model.state_dict()

@@ -130,6 +130,10 @@ def test_save_pretrained_and_auto_from_pretrained(family, tmp_path):
     ids = torch.randint(0, 256, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    eager = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

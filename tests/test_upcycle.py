@@ -69,7 +69,7 @@ def test_expert_slices_and_objects_equal_directories(llama_dirs):
     models, paths = llama_dirs
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     from_dirs = fastdume.upcycle(paths)
-    from_objects = fastdume.upcycle(models, domains=["math", "code", "law"])
+    from_objects = fastdume.upcycle(dict(zip(["math", "code", "law"], models, strict=True)))
     for model, state in zip(models, before, strict=True):  # the caller's models are untouched
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert from_objects.config.domains == ["math", "code", "law"]
@@ -258,6 +258,8 @@ def test_vocabulary_domains_and_shared_checks(llama_dirs, tmp_path):
         fastdume.upcycle(paths, domains=["code", "code", "law"])
     with pytest.raises(ValueError, match="domain name 'math' is used twice"):
         fastdume.upcycle([paths[0], paths[0]])
+    with pytest.raises(ValueError, match="domains must be None when experts is a dict"):
+        fastdume.upcycle({"a": paths[0]}, domains=["a"])
     with pytest.raises(ValueError, match="list of 3 names"):
         fastdume.upcycle(paths, domains=["a", "b"])
     with pytest.raises(ValueError, match="shared must be 'mean' or 'base:<dir>'"):

@@ -24,6 +24,8 @@ def tiny_config(family, **overrides):
         max_position_embeddings=128,
     )
     fields.update(overrides)
+    # Qwen3's default head_dim is 128 whatever the hidden size: keep heads * head_dim == hidden.
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
     return FAMILY_CONFIGS[family](**fields)
 
 
