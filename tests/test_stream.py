@@ -180,3 +180,53 @@ def test_cuda_matches_reference_bitwise(n, block, dtype):
     y = stream.dequantize(codes, scales, x.shape, dtype, block, backend="cuda")
     ref = stream.dequantize_reference(rc, rs, x.shape, dtype, block)
     torch.testing.assert_close(y.cpu(), ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cuda_module_reports_no_device_instead_of_crashing():
+    from fastdume.ops._ext import cuda_ext
+
+    ext = cuda_ext()
+    if ext is None:
+        pytest.skip("fastdume._C_cuda not built (no nvcc at install time)")
+    if torch.cuda.is_available():
+        pytest.skip("a device is present")
+    info = ext.device_query()
+    assert info["available"] is False and info["reason"].startswith("no device")
+    for call in (
+        lambda: ext.quantize_int8(0, 0, 16, 8, 0, 0, 0),
+        lambda: ext.CopyEngine(),
+        lambda: ext.PinnedPool(2),
+    ):
+        with pytest.raises(RuntimeError, match="no device"):
+            call()
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        stream.quantize(torch.randn(8), 8, backend="cuda")
+    with pytest.raises(RuntimeError, match="DeviceStager needs fastdume._C_cuda and a device"):
+        stream.DeviceStager()
+
+
+@pytest.mark.gpu
+def test_device_stager_orders_copies_after_compute():
+    stager = stream.DeviceStager()
+    x = torch.randn(1 << 20, device="cuda")
+    for _ in range(3):
+        y = x * 2 + 1  # queued on the compute stream; the copy must see its result
+        buf, host, ev = stager.to_host(y)
+        stager.wait_host(ev)
+        torch.testing.assert_close(host.view(torch.float32), (x * 2 + 1).cpu(), rtol=0, atol=0)
+        up, _ = stager.to_device(host, y.shape, torch.float32, "cuda")
+        z = up - 1  # compute waits for the upload on the GPU
+        torch.testing.assert_close(z, x * 2, rtol=0, atol=0)
+        stager.release(buf)
+        stager.reset()
+    assert len(stager.pool) <= 2  # pinned buffers were reused
+
+
+@pytest.mark.gpu
+def test_pack_unpack_cuda_int8_matches_cpu():
+    x = torch.randn(4, 33, 65, device="cuda", dtype=torch.bfloat16)
+    header, payload = stream.pack(x, step=0, micro_batch=1, stage=0, compress="int8", block=64)
+    y = stream.unpack(header, payload, device="cuda")
+    ref = stream.dequantize_reference(*stream.quantize_reference(x.cpu(), 64), x.shape, x.dtype, 64)
+    assert y.is_cuda
+    torch.testing.assert_close(y.cpu(), ref, rtol=0, atol=0)

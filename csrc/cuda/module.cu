@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include "stream_cuda.h"
 #include "version.h"
 
 namespace py = pybind11;
@@ -46,4 +47,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("version", [] { return std::string(FASTDUME_VERSION); });
   m.def("runtime_version", &runtime_version, "CUDA runtime version the module was built with");
   m.def("device_query", &device_query, "Device 0's properties, or available=False and a reason");
+  fastdume::cuda_stream::register_bindings(m);
 }

@@ -309,3 +309,69 @@ def unpack(header, payload, *, where="peer", device="cpu", **expect):
     if torch.device(device).type == "cuda":
         scales, codes = scales.to(device), codes.to(device)
     return dequantize(codes, scales, shape, dtype, block)
+
+
+# ---- device <-> host staging (CUDA) ----
+
+
+def _host_view(ptr, nbytes):
+    import ctypes
+
+    buf = (ctypes.c_uint8 * nbytes).from_address(ptr)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0)
+
+
+class DeviceStager:
+    """Device<->host copies through reusable pinned buffers on dedicated copy streams.
+
+    A copy waits (on the GPU) for the work already queued on torch's current stream, and the
+    compute stream waits (on the GPU) for an upload before using it, so neither the host nor
+    compute blocks on a transfer; only `wait_host` blocks, when the bytes must hit the wire."""
+
+    def __init__(self, max_buffers=8):
+        self._uploads = []
+        if not cuda_ext_ready():
+            reason = cuda_ext().device_query()["reason"] if cuda_ext() is not None else "not built"
+            raise RuntimeError(f"DeviceStager needs fastdume._C_cuda and a device: {reason}")
+        ext = cuda_ext()
+        self.engine, self.pool = ext.CopyEngine(), ext.PinnedPool(max_buffers)
+
+    def to_host(self, x):
+        """Queue a D2H copy of CUDA tensor x; returns (buffer id, uint8 host view, event)."""
+        x = x.contiguous()
+        nbytes = x.numel() * x.element_size()
+        buf_id, ptr = self.pool.acquire(nbytes)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        event = self.engine.copy(ptr, x.data_ptr(), nbytes, True, stream)
+        x.record_stream(torch.cuda.current_stream(x.device))  # keep x alive until copied
+        return buf_id, _host_view(ptr, nbytes), event
+
+    def to_device(self, host, shape, dtype, device):
+        """Queue an H2D copy of a uint8 host tensor into a new CUDA tensor; torch's current
+        stream waits for it on the GPU. Returns (tensor, event)."""
+        out = torch.empty(shape, dtype=dtype, device=device)
+        nbytes = out.numel() * out.element_size()
+        if host.numel() != nbytes:
+            raise ValueError(
+                f"host must hold {nbytes} bytes for {tuple(shape)} {dtype}, got {host.numel()}"
+            )
+        buf_id, ptr = self.pool.acquire(nbytes)
+        _host_view(ptr, nbytes).copy_(host.reshape(-1))
+        stream = torch.cuda.current_stream(device).cuda_stream
+        event = self.engine.copy(out.data_ptr(), ptr, nbytes, False, stream)
+        self.engine.stream_wait(event, stream)
+        self._uploads.append((event, buf_id))
+        return out, event
+
+    def wait_host(self, event):
+        self.engine.synchronize(event)
+
+    def release(self, buf_id):
+        self.pool.release(buf_id)
+
+    def reset(self):
+        """Wait for all copies, return upload buffers to the pool and recycle event ids."""
+        self.engine.reset()
+        for _, buf_id in self._uploads:
+            self.pool.release(buf_id)
+        self._uploads = []
