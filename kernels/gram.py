@@ -28,6 +28,17 @@ def _tile_coords(pid):
 
 
 @triton.jit
+def _cast(x, NAME: tl.constexpr):
+    # dtypes travel as strings so that launch configs are plain data (JSON for AOT compiles)
+    if NAME == "bf16":
+        return x.to(tl.bfloat16)
+    elif NAME == "fp16":
+        return x.to(tl.float16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def gram_kernel(
     x_ptr,  # [L, N, H] any strides, fp32 / bf16 / fp16
     mask_ptr,  # [N] int8 (0 = skip token), read only when HAS_MASK
@@ -46,8 +57,8 @@ def gram_kernel(
     stride_sl,
     HAS_MASK: tl.constexpr,
     ATOMIC: tl.constexpr,  # several K splits add into the same tile
-    ROUND_DTYPE: tl.constexpr,  # precision of the products' inputs (bf16 rounds fp32 inputs)
-    DOT_DTYPE: tl.constexpr,  # dtype fed to tl.dot (fp32 under the interpreter)
+    ROUND_DTYPE: tl.constexpr,  # "fp32" / "bf16" / "fp16": the products' inputs are rounded to it
+    DOT_DTYPE: tl.constexpr,  # dtype fed to tl.dot: ROUND_DTYPE, or "fp32" under the interpreter
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands: ieee / tf32 / tf32x3
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -85,8 +96,8 @@ def gram_kernel(
         )
         if ti == tj:
             csum += tl.sum(a.to(tl.float32), axis=1)
-        a = a.to(ROUND_DTYPE).to(DOT_DTYPE)
-        b = b.to(ROUND_DTYPE).to(DOT_DTYPE)
+        a = _cast(_cast(a, ROUND_DTYPE), DOT_DTYPE)
+        b = _cast(_cast(b, ROUND_DTYPE), DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         count += keep.to(tl.int32)
 

@@ -80,18 +80,18 @@ def gram_accumulate(x, gram, colsum, mask=None, precision=None, backend=None):
     return gram_accumulate_torch(x, gram, colsum, mask, precision)
 
 
-def _triton_dtypes(tl, x_dtype, precision, interpreted):
+def _triton_dtypes(x_dtype, precision, interpreted):
     """(round_dtype, dot_dtype, input_precision) for the kernel's constexprs."""
-    native = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    native = {torch.bfloat16: "bf16", torch.float16: "fp16"}
     if x_dtype in native:
         round_dtype, input_precision = native[x_dtype], "ieee"
     elif precision == "bf16":
-        round_dtype, input_precision = tl.bfloat16, "ieee"
+        round_dtype, input_precision = "bf16", "ieee"
     else:
-        round_dtype = tl.float32
+        round_dtype = "fp32"
         input_precision = precision if precision in ("tf32", "tf32x3") else "ieee"
     # The interpreter has no 16-bit dot: upcasting after the rounding gives the same exact products.
-    dot_dtype = tl.float32 if interpreted else round_dtype
+    dot_dtype = "fp32" if interpreted else round_dtype
     return round_dtype, dot_dtype, input_precision
 
 
@@ -113,7 +113,7 @@ def gram_accumulate_triton(x, gram, colsum, mask=None, precision=None, config=No
     batched = x.dim() == 3
     x3, g3, s3 = (x, gram, colsum) if batched else (x[None], gram[None], colsum[None])
     m8 = None if mask is None else (mask != 0).to(torch.int8).contiguous()
-    dtypes = _triton_dtypes(kern.tl, x.dtype, precision, interpreted)
+    dtypes = _triton_dtypes(x.dtype, precision, interpreted)
     tiles = triton_cdiv(x.shape[-1], 128)
     cfg = config or _config(x, interpreted, tiles * (tiles + 1) // 2 * x3.shape[0])
     count = kern.launch(
