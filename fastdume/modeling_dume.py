@@ -59,10 +59,10 @@ class DumeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.base_config is not None:
-            self._adopt_base_config(kwargs)
+            self._adopt_base_config()
         super().__post_init__(**kwargs)
 
-    def _adopt_base_config(self, kwargs):
+    def _adopt_base_config(self):
         base = self.base_config
         if isinstance(base, PreTrainedConfig):
             base = base.to_dict()
@@ -92,9 +92,9 @@ class DumeConfig(PreTrainedConfig):
             raise ValueError(f"top_k must be in 1..{self.num_experts}, got {self.top_k}")
         if not self.router_temperature > 0:
             raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
+        self.router_temperature = float(self.router_temperature)
         # The LM-level fields (tying, special tokens) are the dense model's.
-        if "tie_word_embeddings" not in kwargs:
-            self.tie_word_embeddings = bool(base.get("tie_word_embeddings", False))
+        self.tie_word_embeddings = bool(base.get("tie_word_embeddings", False))
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name) is None:
                 setattr(self, name, base.get(name))
