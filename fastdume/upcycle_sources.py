@@ -39,7 +39,10 @@ class DirSource:
             raise ValueError(f"{self.label}: not a directory")
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.label}: no config.json")
-        self.config = transformers.AutoConfig.from_pretrained(self.path)
+        try:
+            self.config = transformers.AutoConfig.from_pretrained(self.path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{self.label}: cannot read config.json ({err})") from err
         self._handles, self._file_of = {}, {}
         for file in self._weight_files():
             handle = self._open(file, stack)

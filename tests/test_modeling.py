@@ -1,6 +1,8 @@
 """The DUME model: parity with transformers' own Mixtral block and dense models, save/load through
 the Auto classes, generation with the KV cache, fp32 routers, oracle routing."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -200,3 +202,25 @@ def test_dume_config_rejects_bad_values():
         DumeConfig(base_config=gpt2, domains=["a"])
     with pytest.raises(ValueError, match="mlp_bias"):
         DumeConfig(base_config=tiny_config("llama", mlp_bias=True).to_dict(), domains=["a"])
+
+
+@pytest.mark.gpu
+def test_cuda_low_precision_model_matches_cpu_fp32():
+    model = tiny_dume("llama", top_k=2)
+    ids = torch.randint(3, 256, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+        gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+        assert gpu.dume_layers()[0].router.weight.dtype == torch.float32
+        got = gpu(ids.cuda()).logits.float().cpu()
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+        # the KV-cache check in fp32: bf16 rounding may flip near-tied argmaxes
+        fp32 = copy.deepcopy(model).to("cuda")
+        generated = fp32.generate(
+            ids[:1].cuda(), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        seq = ids[:1].cuda()
+        for _ in range(5):
+            nxt = fp32(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(generated, seq)
