@@ -49,7 +49,8 @@ class StageModule(nn.Module):
         _check_shape(model)
         self.stage, self.num_stages = stage, num_stages
         self.layer_range = tuple(layer_range)
-        self.config = model.config
+        # the decoder's own config: a DUME model's top-level config wraps the dense one
+        self.config = getattr(model.model, "config", model.config)
         self.tied = is_tied(model)
         first, last = stage == 0, stage == num_stages - 1
         inner = nn.Module()

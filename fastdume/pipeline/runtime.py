@@ -91,9 +91,9 @@ class Stage:
         dtype = DTYPES[cfg.dtype]
         full = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
         full.train()
-        self.config = full.config
         self.tied = is_tied(full) and S > 1
         self.module = build_stage(full, self.stage, S)
+        self.config = self.module.config
         self.full = full if rank == 0 else None  # rank 0 merges the final model into it
         self.params = dict(self.module.named_parameters())
         self.dtype = dtype
