@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from fastdume.modeling_dume import DumeConfig, DumeForCausalLM, family_class
 from fastdume.upcycle_sources import check_configs, check_tensors, check_vocabularies, open_sources
@@ -73,10 +74,11 @@ def _empty_model(config, dtype):
 
 
 @torch.no_grad()
-def _fill_shared(target, sources, shared_source, layout):
+def _fill_shared(target, sources, shared_source, layout, bar):
     for key in layout:
         if ".mlp." in key:
             continue
+        bar.update()
         if shared_source is not None:
             target[key].copy_(shared_source.get(key))
             continue
@@ -89,9 +91,10 @@ def _fill_shared(target, sources, shared_source, layout):
 
 
 @torch.no_grad()
-def _fill_experts(model, sources, num_layers):
+def _fill_experts(model, sources, bar):
     inter = model.model.config.intermediate_size
     for layer, moe in enumerate(model.dume_layers()):
+        bar.update()
         gate_up, down = moe.experts.gate_up_proj, moe.experts.down_proj
         for e, source in enumerate(sources):
             gate_up[e, :inter].copy_(source.get(_mlp_key(layer, "gate_proj")))
@@ -101,14 +104,17 @@ def _fill_experts(model, sources, num_layers):
         moe.router.bias.zero_()
 
 
-def upcycle(experts, domains=None, shared="mean", dtype=None, top_k=1, temperature=1.0):
+def upcycle(
+    experts, domains=None, shared="mean", dtype=None, top_k=1, temperature=1.0, progress=None
+):
     """Merge dense experts (HF directories or PreTrainedModel objects) into a DumeForCausalLM.
 
     experts: list of E >= 1 models of one family (Llama, Mistral, Qwen2, Qwen3) and one config,
     or a dict domain -> model (then the keys are the domains).
     domains: one distinct name per expert (default: directory names, else "expert<i>").
     shared: "mean" | "base:<dir>". dtype: result dtype (default: the first expert's).
-    top_k, temperature: routing settings stored in the config.
+    top_k, temperature: routing settings stored in the config. progress: show a progress bar
+    (None: only on a terminal).
     Everything is checked before any tensor is merged; a mismatch raises ValueError naming the
     first differing config field, tensor name or shape, or tokenizer entry.
     """
@@ -141,7 +147,9 @@ def upcycle(experts, domains=None, shared="mean", dtype=None, top_k=1, temperatu
             shared="mean" if base is None else f"base:{os.path.abspath(base_dir)}",
         )
         model = _empty_model(dume_config, dtype)
-        target = model.state_dict()
-        _fill_shared(target, sources, base, layout)
-        _fill_experts(model, sources, config.num_hidden_layers)
+        steps = sum(".mlp." not in k for k in layout) + config.num_hidden_layers
+        disable = None if progress is None else not progress  # None: tqdm's "not a terminal"
+        with tqdm(total=steps, desc="upcycle", unit="tensor", disable=disable) as bar:
+            _fill_shared(model.state_dict(), sources, base, layout, bar)
+            _fill_experts(model, sources, bar)
     return model
