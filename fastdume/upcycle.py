@@ -17,8 +17,6 @@ from tqdm.auto import tqdm
 from fastdume.modeling_dume import DumeConfig, DumeForCausalLM, family_class
 from fastdume.upcycle_sources import check_configs, check_tensors, check_vocabularies, open_sources
 
-MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-
 
 def _mlp_key(layer, part):
     return f"model.layers.{layer}.mlp.{part}.weight"
