@@ -1,0 +1,139 @@
+"""Router-fitting costs: Gram accumulation (fastdume.ops.gram) and the batched ridge solve
+(fastdume.ops.ridge), each against the baselines named in issue 4/9, timed in the same run.
+
+GPU cases (marked gpu) use the Triton backends at the issue's sizes; on a CPU the same cases run
+at reduced sizes with the torch path. Ratios (baseline time / ours) are in extra_info; > 1 means
+fastdume is faster. The heavy-tailed relative error of G vs float64 is reported too.
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from fastdume.ops.gram import gram_accumulate, symmetrize
+from fastdume.ops.ridge import ridge_solve
+
+GPU_GRAM = [(d, L) for d in (769, 3073, 4097) for L in (1, 28)]
+CPU_GRAM = [(d, L) for d in (65, 193) for L in (1, 4)]
+GPU_SOLVE = [(12, 769), (28, 3073), (32, 4097), (1000, 65)]
+CPU_SOLVE = [(4, 97), (2, 193), (100, 33)]
+EXPERTS = 8  # right-hand sides: one per domain
+
+
+def _time(fn, reps=3):
+    """Median seconds of `fn` (after one warm-up), synchronising CUDA around each call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _hidden(layers, n, d, device, dtype):
+    """Heavy-tailed hidden states: Student-t channels, a few massive ones, non-zero means."""
+    x = torch.distributions.StudentT(torch.tensor(4.0, device=device)).sample((layers, n, d))
+    x[..., torch.randperm(d, device=device)[: max(1, d // 256)]] *= 30.0
+    return (x + 0.3 * torch.randn(d, device=device)).to(dtype)
+
+
+def _reference_gram(x):
+    """The reference implementation: fp32 copy, concatenated bias column, full X^T X per layer."""
+    out = []
+    for layer in x:
+        z = torch.cat([layer.float(), torch.ones_like(layer[:, :1], dtype=torch.float32)], 1)
+        out.append(z.T @ z)
+    return out
+
+
+def _gram_case(benchmark, d, layers, n_tok, device):
+    x = _hidden(layers, n_tok, d, device, torch.bfloat16)
+    gram = torch.zeros(layers, d, d, device=device)
+    colsum = torch.zeros(layers, d, device=device)
+    backend = "triton" if device.type == "cuda" else "torch"
+    ours = lambda: gram_accumulate(x, gram, colsum, backend=backend)
+    benchmark(ours)
+    t_ours = _time(ours)
+    xt = x.transpose(-1, -2)
+    t_ref = _time(lambda: _reference_gram(x))
+    t_bf16 = _time(lambda: torch.bmm(xt, x))
+    t_fp32 = _time(lambda: [xl.float().T @ xl.float() for xl in x])
+
+    gram.zero_()
+    gram_accumulate(x[:1], gram[:1], colsum[:1], backend=backend)
+    x64 = x[0].double()
+    exact = x64.T @ x64
+    err = torch.linalg.norm(symmetrize(gram[0]).double() - exact) / torch.linalg.norm(exact)
+    benchmark.extra_info.update(
+        {
+            "backend": backend,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "tokens": n_tok,
+            "ours_s": t_ours,
+            "speedup_vs_reference": t_ref / t_ours,
+            "speedup_vs_torch_bf16_full": t_bf16 / t_ours,
+            "speedup_vs_torch_fp32_full": t_fp32 / t_ours,
+            "rel_err_vs_float64": float(err),
+        }
+    )
+    assert err < 1e-4  # bf16 inputs give exact products; only fp32 accumulation remains
+
+
+def _spd_batch(layers, n, device):
+    """Router-statistics-like SPD matrices: normalised Gram of heavy-tailed features."""
+    x = _hidden(layers, 2 * n, n, device, torch.float64)
+    A = x.transpose(-1, -2) @ x / (2 * n)
+    return A, torch.randn(layers, n, EXPERTS, dtype=torch.float64, device=device)
+
+
+def _solve_case(benchmark, layers, n, device):
+    A, B = _spd_batch(layers, n, device)
+    lam = 1e-2
+    backend = "triton" if device.type == "cuda" else "torch"
+    ours = lambda: ridge_solve(A, B, lam, backend=backend)
+    W = benchmark(ours)
+    M = A + lam * torch.eye(n, dtype=torch.float64, device=device)
+    t_ours = _time(ours)
+    t_lu = _time(lambda: torch.linalg.solve(M, B))
+    t_chol = _time(lambda: torch.cholesky_solve(B, torch.linalg.cholesky(M)))
+    res = torch.linalg.matrix_norm(M @ W - B) / torch.linalg.matrix_norm(B)
+    benchmark.extra_info.update(
+        {
+            "backend": backend,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "ours_s": t_ours,
+            "speedup_vs_lu_solve_fp64": t_lu / t_ours,
+            "speedup_vs_cholesky_solve_fp64": t_chol / t_ours,
+            "max_rel_residual": float(res.max()),
+        }
+    )
+    assert float(res.max()) <= 1e-5
+
+
+@pytest.mark.parametrize("d,layers", CPU_GRAM)
+def test_gram_cpu(benchmark, d, layers):
+    _gram_case(benchmark, d, layers, 1024, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("layers,n", CPU_SOLVE)
+def test_solve_cpu(benchmark, layers, n):
+    _solve_case(benchmark, layers, n, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,layers", GPU_GRAM)
+def test_gram_gpu(benchmark, d, layers):
+    _gram_case(benchmark, d, layers, 65536, torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers,n", GPU_SOLVE)
+def test_solve_gpu(benchmark, layers, n):
+    _solve_case(benchmark, layers, n, torch.device("cuda"))
