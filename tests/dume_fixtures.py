@@ -6,15 +6,15 @@ from tiny_models import tiny_dense
 DOMAINS = ("a", "b", "c")
 
 
-def make_experts(root, shared_noise=0.0, family="llama", count=3):
+def make_experts(root, shared_noise=0.0, family="llama", count=3, **overrides):
     """A base model and `count` experts derived from it: each MLP strongly changed, every other
     tensor changed by `shared_noise` (0: experts share the base's non-MLP weights exactly)."""
-    base = tiny_dense(family, seed=0)
+    base = tiny_dense(family, seed=0, **overrides)
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     dirs = {}
     for i, domain in enumerate(DOMAINS[:count]):
-        expert = tiny_dense(family, seed=0)
+        expert = tiny_dense(family, seed=0, **overrides)
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for name, p in expert.named_parameters():

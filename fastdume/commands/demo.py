@@ -1,0 +1,223 @@
+"""`fastdume demo`: the whole DUME recipe on the shipped zoo, with a perplexity table."""
+
+import contextlib
+import time
+
+from fastdume.commands._common import write_json
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "demo",
+        help="upcycle the demo zoo's experts, fit the routers, compare perplexities",
+        description="End to end DUME on the model zoo shipped with fastdume: build (first run "
+        "only, cached) or load a small base model and one dense expert per domain, merge the "
+        "experts into one MoE (fastdume.upcycle), collect router statistics with oracle "
+        "routing on each domain's training data, solve the routers in closed form, and print "
+        "each model's validation perplexity per domain (every dense expert, uniform weight "
+        "averaging, DUME) plus DUME's per-layer routing accuracy. Runs offline on a CPU.",
+        epilog="example: fastdume demo --json demo.json",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=("demo", "test"),
+        default="demo",
+        help="zoo size: 'demo' (default, a few minutes to build once) or 'test' (tiny, fast)",
+    )
+    parser.add_argument("--cache-dir", help="zoo cache (default: $FASTDUME_CACHE)")
+    parser.add_argument(
+        "--shared",
+        choices=("mean", "base"),
+        default="mean",
+        help="shared weights: 'mean' of the experts (paper, default) or the zoo's base model",
+    )
+    parser.add_argument(
+        "--stats-tokens",
+        type=int,
+        default=100_000,
+        help="router statistics tokens per domain (default 100000)",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=8,
+        help="validation batches per domain for perplexity (default 8; 0 = all)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _load_dense(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def _uniform_average(paths):
+    """Plain mean of the dense experts' parameters (the weight-averaging baseline)."""
+    import torch
+
+    model = _load_dense(paths[0])
+    state = {k: v.float().clone() for k, v in model.state_dict().items()}
+    for path in paths[1:]:
+        for k, v in _load_dense(path).state_dict().items():
+            state[k] += v.float()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k] / len(paths))
+    return model
+
+
+@contextlib.contextmanager
+def _routing_recorder(model, counts):
+    """Count, per layer, tokens whose top-1 expert is the expected one (padding excluded)."""
+    from fastdume.ops.moe import route
+
+    state = {"mask": None, "expert": None}
+
+    def make_hook(index):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, ids = route(x, module.router.weight, module.router.bias, 1, module.temperature)
+            keep = state["mask"].reshape(-1)
+            counts[index][0] += int((ids[:, 0][keep] == state["expert"]).sum())
+            counts[index][1] += int(keep.sum())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(model.dume_layers())]
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _eval(model, batches_of, domains, routing=None):
+    """Perplexity per domain; with routing (dict), also DUME's per-layer routing accuracy."""
+    import math
+
+    import torch
+
+    from fastdume.data import token_nll
+
+    ppl = {}
+    for e, d in enumerate(domains):
+        total, count = 0.0, 0
+        counts = [[0, 0] for _ in model.dume_layers()] if routing is not None else None
+        with torch.no_grad(), _maybe_record(model, counts) as state:
+            for batch in batches_of(d, "validation"):
+                if state is not None:
+                    state["mask"], state["expert"] = batch["attention_mask"].bool(), e
+                nll, n = token_nll(model, batch)
+                total, count = total + float(nll), count + n
+        ppl[d] = math.exp(total / count)
+        if routing is not None:
+            routing[d] = [hit / max(n, 1) for hit, n in counts]
+    return ppl
+
+
+@contextlib.contextmanager
+def _maybe_record(model, counts):
+    if counts is None:
+        yield None
+    else:
+        with _routing_recorder(model, counts) as state:
+            yield state
+
+
+def _build(args, zoo, batches_of):
+    from fastdume.router import collect_stats, fit_router
+    from fastdume.upcycle import upcycle
+
+    shared = "mean" if args.shared == "mean" else f"base:{zoo.base}"
+    model = upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains, shared=shared)
+    stats = None
+    for d in zoo.domains:
+        stats = collect_stats(
+            model,
+            d,
+            batches_of(d, "train"),
+            max_tokens=args.stats_tokens,
+            stats=stats,
+            progress=not args.no_progress,
+        )
+    fit_router(model, stats)
+    return model, stats
+
+
+def _table(results, domains):
+    width = max(12, *(len(d) for d in domains)) + 2
+    lines = ["validation perplexity (lower is better)"]
+    header = "".join(f"{d:>{width}}" for d in [*domains, "mean"])
+    lines.append(f"{'model':<22}" + header)
+    for name, row in results["perplexity"].items():
+        mean = sum(row.values()) / len(row)
+        cells = "".join(f"{row[d]:>{width}.2f}" for d in domains)
+        lines.append(f"{name:<22}" + cells + f"{mean:>{width}.2f}")
+    lines.append("")
+    lines.append("DUME routing accuracy (share of tokens sent to their domain's expert)")
+    acc = results["routing_accuracy"]
+    layers = len(next(iter(acc.values())))
+    lines.append(f"{'layer':<22}" + header)
+    for layer in range(layers):
+        row = [acc[d][layer] for d in domains]
+        cells = "".join(f"{v:>{width}.1%}" for v in row)
+        lines.append(f"{layer:<22}" + cells + f"{sum(row) / len(row):>{width}.1%}")
+    return "\n".join(lines)
+
+
+def run(args):
+    import fastdume  # noqa: F401  (registers DUME with transformers)
+    from fastdume.data import batches, load_tokenizer
+    from fastdume.data.zoo import build_zoo
+
+    times = {}
+    start = time.perf_counter()
+    print(f"fastdume demo: loading the {args.preset!r} zoo (built and cached on first use)...")
+    zoo = build_zoo(args.preset, cache_dir=args.cache_dir)
+    times["zoo"] = time.perf_counter() - start
+    tokenizer, seq_len = load_tokenizer(), zoo.config["seq_len"]
+    limit = args.eval_batches or None
+
+    def batches_of(domain, split):
+        cap = limit if split == "validation" else None
+        return batches(tokenizer, domain, split, seq_len, args.batch_size, max_batches=cap)
+
+    t = time.perf_counter()
+    model, stats = _build(args, zoo, batches_of)
+    times["upcycle_stats_fit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results = {"perplexity": {}, "routing_accuracy": {}}
+    for d in zoo.domains:
+        dense = _load_dense(zoo.experts[d])
+        results["perplexity"][f"dense expert: {d}"] = _eval(dense, batches_of, zoo.domains)
+    average = _uniform_average([zoo.experts[d] for d in zoo.domains])
+    results["perplexity"]["uniform averaging"] = _eval(average, batches_of, zoo.domains)
+    results["perplexity"]["DUME"] = _eval(
+        model, batches_of, zoo.domains, routing=results["routing_accuracy"]
+    )
+    times["eval"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - start
+    results.update(
+        preset=args.preset,
+        domains=list(zoo.domains),
+        shared=model.config.shared,
+        stats_tokens={d: stats.tokens(d) for d in zoo.domains},
+        seconds={k: round(v, 2) for k, v in times.items()},
+    )
+    print()
+    print(_table(results, zoo.domains))
+    print()
+    print(
+        f"statistics: {sum(results['stats_tokens'].values()):,} tokens over "
+        f"{len(zoo.domains)} domains; took {times['total']:.1f} s "
+        f"(zoo {times['zoo']:.1f}, DUME build {times['upcycle_stats_fit']:.1f}, "
+        f"eval {times['eval']:.1f})"
+    )
+    if args.json:
+        write_json(args.json, results)
+    return 0
