@@ -108,17 +108,18 @@ class DumeConfig(PreTrainedConfig):
         config._attn_implementation_internal = self._attn_implementation
         return config
 
+    # The dense sizes, read-only, for code that asks any config for them (generation, HF utils).
     @property
     def hidden_size(self):
-        return self.base_config["hidden_size"]
+        return (self.base_config or {}).get("hidden_size")
 
     @property
     def num_hidden_layers(self):
-        return self.base_config["num_hidden_layers"]
+        return (self.base_config or {}).get("num_hidden_layers")
 
     @property
     def vocab_size(self):
-        return self.base_config["vocab_size"]
+        return (self.base_config or {}).get("vocab_size")
 
 
 class DumeRouter(nn.Linear):
