@@ -130,6 +130,34 @@ def test_data_masks_prompt_tokens(setup):
     assert torch.equal(labels[learn], ids[learn])
 
 
+def test_domain_source_is_deterministic_plain_lm():
+    from fastdume.data import batches, domains, load_tokenizer
+
+    domain = domains()[0]
+    a = build_source(domain, "unused", 4096, 32, needed=32, seed=3)
+    b = build_source(domain, "unused", 4096, 32, needed=32, seed=3)
+    ids, labels = a.global_batch(1, 8)
+    ids2, labels2 = b.global_batch(1, 8)
+    assert torch.equal(ids, ids2) and torch.equal(labels, labels2)
+    assert not torch.equal(a.global_batch(2, 8)[0], ids)
+    # plain LM: every real token is a target; padding (if any) is not
+    ref = next(
+        iter(
+            batches(
+                load_tokenizer(), domain, "train", seq_len=32, batch_size=64, max_batches=1, seed=3
+            )
+        )
+    )
+    rows = {
+        tuple(r.tolist()): m for r, m in zip(ref["input_ids"], ref["attention_mask"], strict=True)
+    }
+    for r, lab in zip(ids, labels, strict=True):
+        mask = rows[tuple(r.tolist())].bool()
+        assert torch.equal(lab[mask], r[mask]) and torch.all(lab[~mask] == IGNORE)
+    with pytest.raises(ValueError, match="one of the domains"):
+        build_source("no-such-domain", "unused", 4096, 32)
+
+
 def test_four_stages_gpipe_matches_single_process_and_calls_hooks(setup, reference):
     ref_losses, ref_sd = reference
     hooks = "fastdume.pipeline._testing:recording"
