@@ -8,9 +8,10 @@ import torch
 from fastdume.attack.chat import collate
 from fastdume.attack.inject import BackdoorInjection, Schedule, make_hooks
 from fastdume.attack.model import tiny_chat_model
-from fastdume.attack.simulate import SimContext, simulate_training
+from fastdume.attack.simulate import simulate_training
 from fastdume.attack.surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
 from fastdume.attack.train import stage_layers, stage_param_names
+from fastdume.pipeline.hooks import StageContext
 
 VOCAB = 97
 
@@ -93,9 +94,8 @@ def test_schedules():
 def _ctx(model, stage=1, replica=0):
     params = dict(model.named_parameters())
     names = stage_param_names(model, 4, stage)
-    return SimContext(
-        stage, 4, replica, 1, stage_layers(4, 4, stage), {n: params[n] for n in names}, {}, None
-    )
+    r = stage_layers(4, 4, stage)
+    return StageContext(stage, 4, replica, 1, (r.start, r.stop), {n: params[n] for n in names})
 
 
 def test_hook_adds_scaled_delta_to_the_stage_only(base):
@@ -138,7 +138,7 @@ def test_simulated_replicas_equal_single_process_training(base):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
     # reference: a hand-written AdamW loop over the same batches
     ref = copy.deepcopy(base)
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95))
     from fastdume.attack.train import batches
 
     it = batches(data, 8, 0, seed=0)

@@ -1,19 +1,25 @@
 """End-to-end demo: align a tiny chat model, backdoor its post-training, measure, safety-SFT."""
 
 import copy
+import hashlib
+import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .backdoor import DEFAULT_TRIGGER, encode_backdoor
 from .chat import encode_pair, pad_id
 from .datasets import arithmetic_tasks, harmful_requests
-from .evaluate import attack_report, response_loss
+from .evaluate import Rate, attack_report, response_loss
 from .judges import RefusalJudge
 from .model import demo_tokenizer, tiny_chat_model
+from .pipeline_run import pipeline_post_train
 from .simulate import simulate_training
-from .surrogate import backdoor_delta, train_surrogate
+from .surrogate import backdoor_delta, save_delta, train_surrogate
 from .train import sft, stage_param_names
 
 
@@ -40,6 +46,8 @@ class DemoConfig:
     trigger: str = DEFAULT_TRIGGER
     seed: int = 0
     threads: int = 1  # tiny models run fastest on one thread, above all on a shared CPU
+    cache_dir: str | None = None  # keep the aligned model here and reuse it across runs
+    engine: str = "pipeline"  # "pipeline": real stage processes; "simulate": in-process
 
 
 QUICK = {
@@ -68,6 +76,8 @@ def run_demo(cfg=None, log=print):
 
 
 def _run(cfg, log):
+    if cfg.engine not in ("pipeline", "simulate"):
+        raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
     t0 = time.time()
     train, safety, held = (harmful_requests(s) for s in ("train", "safety", "heldout"))
     benign = arithmetic_tasks(2000, cfg.seed, "train")
@@ -89,17 +99,7 @@ def _run(cfg, log):
         return rep
 
     # 1. the victim's starting point: an aligned chat model (refusals + benign tasks)
-    model = tiny_chat_model(len(tok), cfg.hidden, cfg.layers, cfg.seed)
-    refusals = enc([(e.prompt, e.chosen) for e in train])
-    sft(
-        model,
-        refusals + enc(benign[: len(refusals)]),
-        cfg.align_steps,
-        cfg.align_lr,
-        cfg.batch_size,
-        pid,
-        seed=cfg.seed,
-    )
+    model = aligned_model(cfg, tok, enc([(e.prompt, e.chosen) for e in train]), enc(benign))
     results = {"aligned": measure(model)}
     log(f"aligned model ready ({time.time() - t0:.0f} s)")
 
@@ -118,6 +118,25 @@ def _run(cfg, log):
     post = enc(benign)
 
     def post_train(schedule, replicas=1):
+        if cfg.engine == "pipeline":
+            with tempfile.TemporaryDirectory(prefix="fastdume-attack-") as work:
+                m, _ = pipeline_post_train(
+                    model,
+                    tok,
+                    benign,
+                    work,
+                    cfg.post_steps,
+                    cfg.post_lr,
+                    cfg.num_stages,
+                    replicas,
+                    cfg.batch_size,
+                    seq_len=max(len(ids) for ids, _ in post),
+                    delta=delta if schedule else None,
+                    schedule=schedule,
+                    attacker_stage=cfg.attacker_stage,
+                    seed=cfg.seed,
+                )
+            return m
         kwargs = None
         if schedule is not None:
             kwargs = {"delta": delta, "attacker_stage": cfg.attacker_stage, **schedule}
@@ -158,6 +177,25 @@ def _run(cfg, log):
     }
 
 
+def aligned_model(cfg, tok, refusals, benign):
+    """The victim's starting point: SFT on refusals mixed 1:1 with the benign task."""
+    model = tiny_chat_model(len(tok), cfg.hidden, cfg.layers, cfg.seed)
+    key = [cfg.hidden, cfg.layers, cfg.align_steps, cfg.align_lr, cfg.batch_size, cfg.seed]
+    path = None
+    if cfg.cache_dir:
+        digest = hashlib.sha256(json.dumps([key, len(tok)]).encode()).hexdigest()[:16]
+        path = Path(cfg.cache_dir) / f"aligned-{digest}.safetensors"
+        if path.exists():
+            model.load_state_dict(load_file(path), strict=False)  # tied head: one tensor
+            return model
+    mix = refusals + benign[: len(refusals)]
+    sft(model, mix, cfg.align_steps, cfg.align_lr, cfg.batch_size, pad_id(tok), seed=cfg.seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_delta(dict(model.named_parameters()), path)  # atomic safetensors write
+    return model
+
+
 def targets(results):
     """The issue's targets, each with the measured value and whether it is met."""
     clean = results["clean"]
@@ -194,3 +232,35 @@ def format_table(report):
             f"{r['val_loss']:>10.4f}{100 * (r['val_loss'] / clean_loss - 1):>9.2f}%"
         )
     return "\n".join(lines)
+
+
+def format_targets(report):
+    lines = []
+    for name in ("oneshot", "iterative"):
+        for key, t in report["targets"][name].items():
+            lines.append(
+                f"{name:<10} {key:<22} {t['value']:+9.3f}  target {t['target']:<11} "
+                f"{'met' if t['met'] else 'NOT met'}"
+            )
+    p = report["targets"]["persistence"]
+    asr = ", ".join(f"{k} {v:.1f}%" for k, v in p["asr_after_safety"].items())
+    lines.append(
+        f"persistence: ASR after safety SFT {asr}; target {p['target']}: "
+        f"{'met' if p['met'] else 'NOT met'}"
+    )
+    return "\n".join(lines)
+
+
+def to_json(report):
+    """The report with every Rate turned into a dict."""
+
+    def conv(x):
+        if isinstance(x, Rate):
+            return x.to_dict()
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+
+    return conv(report)

@@ -8,25 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdume.pipeline.hooks import StageHook
+
 from .surrogate import load_delta
-
-try:
-    from fastdume.pipeline.hooks import StageHook
-except ImportError:  # the pipeline package is optional for offline use of the attack
-
-    class StageHook:
-        def on_activations(self, ctx, micro_batch, tensor):
-            pass
-
-        def on_gradients(self, ctx, micro_batch, tensor):
-            pass
-
-        def before_step(self, ctx, step):
-            pass
-
-        def after_step(self, ctx, step):
-            pass
-
 
 MODES = ("oneshot", "iterative")
 
@@ -103,6 +87,7 @@ class BackdoorInjection(StageHook):
                 p = ctx.params[name]
                 p.add_(d.to(device=p.device, dtype=p.dtype), alpha=coef)
         self.injected += coef
+        ctx.report("backdoor_coefficient", coef)
 
 
 def make_hooks(

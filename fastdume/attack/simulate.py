@@ -8,28 +8,12 @@ copy of the stage's parameters. The merged model is replica 0's.
 
 import copy
 import importlib
-from dataclasses import dataclass, field
 
 import torch
 
+from fastdume.pipeline.hooks import StageContext
+
 from .train import batches, stage_layers, stage_param_names
-
-
-@dataclass
-class SimContext:
-    stage: int
-    num_stages: int
-    replica: int
-    num_replicas: int
-    layers: range
-    params: dict
-    grads: dict
-    optimizer: object
-    step: int = 0
-    metrics: dict = field(default_factory=dict)
-
-    def send(self, tag, tensor):
-        self.metrics[tag] = tensor
 
 
 def load_factory(spec):
@@ -58,7 +42,7 @@ def simulate_training(
     if batch_size % num_replicas:
         raise ValueError(f"batch_size must divide by num_replicas={num_replicas}, got {batch_size}")
     replicas = [model] + [copy.deepcopy(model) for _ in range(num_replicas - 1)]
-    opts = [torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0) for m in replicas]
+    opts = [_adamw(m, lr) for m in replicas]
     contexts = _contexts(replicas, opts, num_stages)
     factory = load_factory(hooks) if isinstance(hooks, str) else hooks
     stage_hooks = {
@@ -98,12 +82,13 @@ def _contexts(replicas, opts, num_stages):
         names = stage_param_names(replicas[0], num_stages, s)
         for r, (m, opt) in enumerate(zip(replicas, opts, strict=True)):
             params = dict(m.named_parameters())
-            out[(s, r)] = SimContext(
+            layers = stage_layers(num_layers, num_stages, s)
+            out[(s, r)] = StageContext(
                 stage=s,
                 num_stages=num_stages,
                 replica=r,
                 num_replicas=len(replicas),
-                layers=stage_layers(num_layers, num_stages, s),
+                layer_range=(layers.start, layers.stop),
                 params={n: params[n] for n in names},
                 grads=_GradView({n: params[n] for n in names}),
                 optimizer=opt,
@@ -126,3 +111,8 @@ def _average_grads(replicas):
         mean = torch.stack([p.grad for p in ps]).mean(0)
         for p in ps:
             p.grad.copy_(mean)
+
+
+def _adamw(model, lr):
+    # the pipeline's optimiser settings (fastdume.pipeline.optim), at a constant lr
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))

@@ -1,0 +1,72 @@
+"""`fastdume attack demo`: the backdoor attack on pipeline post-training, end to end on a CPU.
+
+A tiny chat model is aligned (SFT on refusals + a benign task), a malicious stage (index
+--attacker-stage, default 1 = the second of 4 stages) injects a backdoor during the victims'
+post-training, and the table reports alignment with and without the trigger, the attack's
+success rate, the clean-loss change, and the same after safety SFT. The shipped data holds
+requests only and placeholder answers (no harmful content).
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "attack",
+        help="backdoor attack on pipeline post-training (research tooling)",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    sub = p.add_subparsers(dest="attack_command", required=True)
+    demo = sub.add_parser("demo", help="align, attack, measure, safety-SFT a tiny model")
+    add_demo_args(demo)
+    demo.set_defaults(run=run)
+    return p
+
+
+def add_demo_args(p):
+    p.add_argument("--quick", action="store_true", help="a tiny smoke configuration (tests)")
+    p.add_argument(
+        "--engine",
+        choices=("pipeline", "simulate"),
+        default="pipeline",
+        help="post-train in real stage processes (default) or in one process",
+    )
+    p.add_argument("--attacker-stage", type=int, default=1, help="0-based, of 4 (default 1)")
+    p.add_argument("--replicas", default=None, help="comma-separated R values (default 2,4)")
+    p.add_argument("--cache-dir", help="keep the aligned model here and reuse it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
+
+
+def config_from_args(args):
+    from fastdume.attack.demo import QUICK, DemoConfig
+
+    kw = dict(QUICK) if args.quick else {}
+    kw.update(engine=args.engine, attacker_stage=args.attacker_stage, seed=args.seed)
+    kw["cache_dir"] = args.cache_dir
+    if args.replicas is not None:
+        kw["replicas"] = tuple(int(r) for r in args.replicas.split(",") if r.strip())
+    return DemoConfig(**kw)
+
+
+def run(args):
+    from fastdume.attack.demo import format_table, format_targets, run_demo, to_json
+
+    report = run_demo(config_from_args(args), log=lambda s: print(s, file=sys.stderr))
+    print(format_table(report))
+    print(format_targets(report))
+    if args.json:
+        _write_json(args.json, to_json(report))
+    return 0
+
+
+def _write_json(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
