@@ -39,6 +39,22 @@ def _cast(x, NAME: tl.constexpr):
 
 
 @triton.jit
+def _load_t(x_layer, mask_ptr, rows, n0, n_stop, H, stride_xn, stride_xh, HAS_MASK, BLOCK_N):
+    """X[n0:n0+BLOCK_N, rows]^T as [BLOCK_H, BLOCK_N] and the kept-token flags; masked tokens
+    are zero here, which removes them from every product (only this operand needs it) and sum."""
+    toks = n0 + tl.arange(0, BLOCK_N)
+    keep = toks < n_stop
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + toks, mask=toks < n_stop, other=0) != 0)
+    a = tl.load(
+        x_layer + rows[:, None] * stride_xh + toks.to(tl.int64)[None, :] * stride_xn,
+        mask=(rows[:, None] < H) & keep[None, :],
+        other=0.0,
+    )
+    return a, keep
+
+
+@triton.jit
 def gram_kernel(
     x_ptr,  # [L, N, H] any strides, fp32 / bf16 / fp16
     mask_ptr,  # [N] int8 (0 = skip token), read only when HAS_MASK
@@ -74,49 +90,49 @@ def gram_kernel(
     n_stop = tl.minimum(n_start + tokens_per_split, N)
 
     acc = tl.zeros((BLOCK_H, BLOCK_H), dtype=tl.float32)
-    csum = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    count = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for n0 in range(n_start, n_stop, BLOCK_N):
-        toks = n0 + tl.arange(0, BLOCK_N)
-        keep = toks < n_stop
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + toks, mask=toks < n_stop, other=0) != 0)
-        tok_off = toks.to(tl.int64) * stride_xn
-        # a = X[toks, rows]^T as [BLOCK_H, BLOCK_N]; masked tokens are zero in a only, which
-        # removes them from every product and from the column sum.
-        a = tl.load(
-            x_layer + rows[:, None] * stride_xh + tok_off[None, :],
-            mask=(rows[:, None] < H) & keep[None, :],
-            other=0.0,
+        a, _ = _load_t(
+            x_layer, mask_ptr, rows, n0, n_stop, H, stride_xn, stride_xh, HAS_MASK, BLOCK_N
         )
+        toks = n0 + tl.arange(0, BLOCK_N)
         b = tl.load(
-            x_layer + tok_off[:, None] + cols[None, :] * stride_xh,
+            x_layer + toks.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xh,
             mask=(toks[:, None] < n_stop) & (cols[None, :] < H),
             other=0.0,
         )
-        if ti == tj:
-            csum += tl.sum(a.to(tl.float32), axis=1)
         a = _cast(_cast(a, ROUND_DTYPE), DOT_DTYPE)
         b = _cast(_cast(b, ROUND_DTYPE), DOT_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        count += keep.to(tl.int32)
 
     out_dtype = gram_ptr.dtype.element_ty
     g_ptrs = gram_ptr + layer * stride_gl + rows[:, None] * stride_gr + cols[None, :] * stride_gc
     lower = (rows[:, None] < H) & (cols[None, :] < H) & (rows[:, None] >= cols[None, :])
-    s_ptrs = colsum_ptr + layer * stride_sl + rows
     if ATOMIC:
         tl.atomic_add(g_ptrs, acc.to(out_dtype), mask=lower)
-        if ti == tj:
-            tl.atomic_add(s_ptrs, csum.to(out_dtype), mask=rows < H)
     else:
         g = tl.load(g_ptrs, mask=lower)
         tl.store(g_ptrs, g + acc.to(out_dtype), mask=lower)
-        if ti == tj:
+
+    if ti == tj:
+        # Diagonal tiles own their rows' column sums (tile (0, 0) of layer 0 also the token
+        # count): a second pass over one [BLOCK_H, N] strip, about 1/(tiles per row) extra
+        # traffic, keeps the main loop a pure dot pipeline.
+        csum = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        count = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for n0 in range(n_start, n_stop, BLOCK_N):
+            a, keep = _load_t(
+                x_layer, mask_ptr, rows, n0, n_stop, H, stride_xn, stride_xh, HAS_MASK, BLOCK_N
+            )
+            csum += tl.sum(a.to(tl.float32), axis=1)
+            count += keep.to(tl.int32)
+        s_ptrs = colsum_ptr + layer * stride_sl + rows
+        if ATOMIC:
+            tl.atomic_add(s_ptrs, csum.to(out_dtype), mask=rows < H)
+        else:
             s = tl.load(s_ptrs, mask=rows < H)
             tl.store(s_ptrs, s + csum.to(out_dtype), mask=rows < H)
-    if (ti == 0) & (layer == 0):
-        tl.atomic_add(count_ptr, tl.sum(count, axis=0))
+        if (ti == 0) & (layer == 0):
+            tl.atomic_add(count_ptr, tl.sum(count, axis=0))
 
 
 def launch(
