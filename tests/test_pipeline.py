@@ -259,3 +259,15 @@ def test_cli_writes_summary_and_loadable_model(setup, reference, capsys):
     bad[bad.index("--stages") + 1] = "9"
     assert main(bad) == 1
     assert "num_stages must be in 1..4 (layers), got 9" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_two_stages_on_cuda_match_single_process(setup, reference):
+    res = launch(_cfg(setup, "cuda", device="cuda", compress="int8", block=64))
+    ref_losses, _ = reference
+    assert abs(res["losses"][-1] - ref_losses[-1]) <= 0.02 * ref_losses[-1]
+    res = launch(_cfg(setup, "cuda_none", device="cuda"))
+    torch.testing.assert_close(
+        torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=0, atol=1e-4
+    )
+    _assert_same_weights(_merged(setup / "cuda_none"), reference[1], 1e-4)

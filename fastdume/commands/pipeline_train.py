@@ -63,6 +63,12 @@ def add_parser(subparsers):
     p.add_argument("--timeout", type=float, default=d["timeout"], help="seconds (default 60)")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads per stage")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d["dtype"])
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: each stage process on GPU LOCAL_RANK (replica/tie reductions over NCCL)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the summary as JSON here")
     p.set_defaults(run=run)
@@ -84,7 +90,7 @@ def _config(args):
         weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
         checkpoint_every=args.checkpoint_every, resume=args.resume, hooks=args.hooks,
         hook_kwargs=hook_kwargs, timeout=args.timeout, threads=args.threads, dtype=args.dtype,
-        seed=args.seed,
+        seed=args.seed, device=args.device,
     )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ def save_stage(root, step, stage, params, optimizer):
     d.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step), "stage": str(stage)}
     _atomic_save(
-        {n: p.detach().contiguous() for n, p in params.items()},
+        {n: p.detach().cpu().contiguous() for n, p in params.items()},
         d / f"stage_{stage}.safetensors",
         meta,
     )
@@ -41,7 +41,7 @@ def save_stage(root, step, stage, params, optimizer):
     for p, st in optimizer.state.items():
         name = by_param[id(p)]
         for key, value in st.items():
-            state[f"{name}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+            state[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().clone().contiguous()
     _atomic_save(state, d / f"stage_{stage}.optim.safetensors", meta)
 
 
@@ -79,4 +79,7 @@ def load_stage(root, step, stage, params, optimizer):
     for n, p in params.items():
         keys = {k[len(n) + 1 :]: v for k, v in state.items() if k.rsplit(".", 1)[0] == n}
         if keys:
-            optimizer.state[p] = {k: v.clone() for k, v in keys.items()}
+            # AdamW keeps "step" on the CPU and the moments next to the parameter
+            optimizer.state[p] = {
+                k: v.clone() if k == "step" else v.to(p.device) for k, v in keys.items()
+            }

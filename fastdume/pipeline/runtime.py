@@ -55,6 +55,7 @@ class PipelineConfig:
     seed: int = 0
     threads: int = 1
     dtype: str = "float32"
+    device: str = "cpu"  # "cuda": each stage on a GPU (LOCAL_RANK), NCCL for its reductions
     save_model: bool = True
 
     def check(self):
@@ -65,6 +66,8 @@ class PipelineConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
         schedule(self.schedule, self.micro_batches, 0, self.stages)  # validates the name
@@ -92,7 +95,8 @@ class Stage:
         full = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
         full.train()
         self.tied = is_tied(full) and S > 1
-        self.module = build_stage(full, self.stage, S)
+        self.device = _stage_device(cfg, rank)
+        self.module = build_stage(full, self.stage, S).to(self.device)
         self.config = self.module.config
         self.full = full if rank == 0 else None  # rank 0 merges the final model into it
         self.params = dict(self.module.named_parameters())
@@ -151,16 +155,19 @@ class Stage:
     def _forward(self, step, mb, ids, labels, count, saved):
         x_ids, x_labels = self._micro(ids, labels, mb)
         if self.first:
-            x = x_ids
+            x = x_ids.to(self.device)
         else:
             shape = (self.cfg.micro_batch_size, self.cfg.seq_len, self.config.hidden_size)
-            x = self.channel.recv(self.stage - 1, ACT, mb, step, shape, self.dtype)
+            x = self.channel.recv(self.stage - 1, ACT, mb, step, shape, self.dtype, self.device)
             x.requires_grad_(True)
         out = self.module(x)
         if self.last:
             logits = out[:, :-1].flatten(0, 1).float()
             loss = F.cross_entropy(
-                logits, x_labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+                logits,
+                x_labels[:, 1:].flatten().to(self.device),
+                ignore_index=IGNORE,
+                reduction="sum",
             )
             saved[mb] = (x, loss / count)
             return float(loss.detach()) / count
@@ -177,7 +184,7 @@ class Stage:
             out.backward()
         else:
             shape = (self.cfg.micro_batch_size, self.cfg.seq_len, self.config.hidden_size)
-            g = self.channel.recv(self.stage + 1, GRAD, mb, step, shape, self.dtype)
+            g = self.channel.recv(self.stage + 1, GRAD, mb, step, shape, self.dtype, self.device)
             for h in self.hooks:
                 h.on_gradients(self.ctx, mb, g)
             out.backward(g)
@@ -200,7 +207,7 @@ class Stage:
         if self.tie_group is not None:
             name = "model.embed_tokens.weight" if self.first else "lm_head.weight"
             dist.all_reduce(self.params[name].grad, group=self.tie_group)
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for n, p in self.params.items():
             if self.tied and self.last and n == "lm_head.weight":
                 continue  # counted once, on the first stage
@@ -273,18 +280,28 @@ class Stage:
             return None
         if self.rank != 0:
             for i, (_, p) in enumerate(sorted(self.params.items())):
-                dist.send(p.detach().contiguous(), 0, tag=i)
+                dist.send(p.detach().cpu().contiguous(), 0, tag=i)
             return None
         for s in range(1, S):
             part = StageModule(self.full, s, S, _layer_range(self.full, s, S))
             for i, (name, p) in enumerate(sorted(part.named_parameters())):
-                buf = torch.empty_like(p)
+                buf = torch.empty_like(p, device="cpu")
                 w = dist.irecv(buf, s * R, tag=i)
                 w.wait(timedelta(seconds=self.cfg.timeout))
                 if not (self.tied and name == "lm_head.weight"):
                     with torch.no_grad():
                         p.copy_(buf)
-        return _save_model(self.full, self.cfg.model, Path(self.cfg.out) / "model")
+        return _save_model(self.full.cpu(), self.cfg.model, Path(self.cfg.out) / "model")
+
+
+def _stage_device(cfg, rank):
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def _layer_range(model, s, S):
@@ -355,8 +372,11 @@ def _save_hook_messages(cfg, stage):
 
 
 def init_and_run(cfg, rank, world):
+    # activations always travel through host memory (gloo); on GPUs the replica and tie
+    # reductions of CUDA tensors go through NCCL
+    backend = "gloo" if cfg.device == "cpu" else "cpu:gloo,cuda:nccl"
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout)
+        backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout)
     )
     # no destroy_process_group: teardown is left to process exit, so a dead peer cannot
     # make a finished rank wait

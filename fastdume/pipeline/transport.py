@@ -74,7 +74,7 @@ class Channel:
         except Exception as exc:  # gloo raises RuntimeError for timeouts and closed peers
             raise PeerError(f"stage {self.stage}: {what} failed: {exc}") from exc
 
-    def recv(self, from_stage, kind, micro_batch, step, shape, dtype):
+    def recv(self, from_stage, kind, micro_batch, step, shape, dtype, device="cpu"):
         where = stream.who(from_stage, micro_batch, step)
         what = "activations" if kind == ACT else "gradients"
         src = self.rank_of(from_stage)
@@ -97,7 +97,7 @@ class Channel:
             payload = torch.from_numpy(arr)
             work = self._irecv(payload, src, _tag(kind, micro_batch, 1))
             self._wait(work, f"receiving {what} from {where}")
-            return stream.unpack(header, payload, where=where)
+            return stream.unpack(header, payload, where=where, device=device)
         finally:
             self.pool.release(buf_id)
 
