@@ -37,6 +37,36 @@ def attack_settings(steps, start=10):
     ]
 
 
+ATTACK_HOOKS = "fastdume.attack.inject:make_hooks"
+
+
+def attack_kwargs(spec, delta, stage, schedule):
+    """Hook kwargs of the injection: the attack's own hook (7/9) or the synthetic stand-in."""
+    if spec == INJECT:
+        return dict(delta=delta, target_stage=stage, target_replica=0, **schedule)
+    if spec == ATTACK_HOOKS:
+        if schedule["mode"] == "oneshot":
+            sched = dict(mode="oneshot", scale=schedule["w"], at=schedule["at_step"])
+        else:
+            sched = dict(
+                mode="iterative",
+                scale=schedule["lam"],
+                every=schedule["every"],
+                start=schedule.get("start", 0),
+                stop=schedule.get("stop"),
+            )
+        return dict(delta=delta, attacker_stage=stage, attacker_replica=0, **sched)
+    raise ValueError(f"attack_spec must be {INJECT!r} or {ATTACK_HOOKS!r}, got {spec!r}")
+
+
+def default_attack_spec():
+    try:
+        import fastdume.attack.inject  # noqa: F401
+    except ImportError:
+        return INJECT
+    return ATTACK_HOOKS
+
+
 def first_injection(schedule):
     return schedule["at_step"] if schedule["mode"] == "oneshot" else schedule.get("start", 0)
 
@@ -192,6 +222,8 @@ def run_defense_report(
     progress=False,
     settings=None,
     score_floor=3.0,
+    attack_spec=None,
+    cfg=None,
 ):
     """Run clean and attacked trainings with every detector on, calibrate, measure, print a table.
 
@@ -201,7 +233,10 @@ def run_defense_report(
     on the in-process driver). runner(cfg, seed, hooks_spec, hooks_kwargs) -> dict with metrics,
     messages, train_seconds, val_loss (default: fastdume.defense.sim.run). replicas: R of the
     replica-divergence runs (R = 1 runs cannot see it). score_floor: the least threshold of the
-    statistical detectors (z units). Returns the numbers as a dict.
+    statistical detectors (z units). attack_spec: the injection hook factory (default: the
+    attack's fastdume.attack.inject:make_hooks when present, else the synthetic stand-in).
+    cfg: a fastdume.defense.sim.SimConfig (model and training sizes; steps overrides its steps).
+    Returns the numbers as a dict.
     """
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
@@ -210,8 +245,10 @@ def run_defense_report(
     t_start = time.perf_counter()
     seeds = seeds or (4 if quick else 20)
     attack_seeds = attack_seeds or (2 if quick else 5)
-    cfg = sim.SimConfig(steps=steps or (30 if quick else 50))
+    cfg = cfg or sim.SimConfig()
+    cfg = replace(cfg, steps=steps or (30 if quick else 50))
     runner = runner or (lambda c, seed, spec, kw: sim.run(c, seed, spec, kw))
+    attack_spec = attack_spec or default_attack_spec()
     with _one_thread():
         delta = delta if delta is not None else sim.synthetic_delta(cfg, stage=attack_stage)
         verifier = _Verifier(cfg)
@@ -238,10 +275,8 @@ def run_defense_report(
         for label, sched in settings:
             kw = dict(
                 base_kw,
-                attack=INJECT,
-                attack_kwargs=dict(
-                    delta=delta, target_stage=attack_stage, target_replica=0, **sched
-                ),
+                attack=attack_spec,
+                attack_kwargs=attack_kwargs(attack_spec, delta, attack_stage, sched),
             )
             runs = run(cfg, range(attack_seeds), kw, label)
             attacks[label] = (sched, runs)
@@ -253,10 +288,8 @@ def run_defense_report(
         for label, sched in settings[:1] + settings[2:3] + settings[6:7]:
             kw = dict(
                 rkw,
-                attack=INJECT,
-                attack_kwargs=dict(
-                    delta=delta, target_stage=attack_stage, target_replica=0, **sched
-                ),
+                attack=attack_spec,
+                attack_kwargs=attack_kwargs(attack_spec, delta, attack_stage, sched),
             )
             rattacks[label] = (sched, run(rcfg, range(max(1, attack_seeds // 2)), kw, label))
     report = _assemble(

@@ -11,7 +11,7 @@ import copy
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,22 +115,35 @@ def _train(model, sample, steps, lr, batch, length, trainable=None):
     return model
 
 
-@functools.lru_cache(maxsize=4)
+def _model_key(cfg):
+    # Only what shapes the model and its pre-training (not steps or replicas) keys the caches.
+    return replace(cfg, steps=1, replicas=1, warmup=1, micro_batch=1, micro_batches=1)
+
+
 def base_model(cfg):
     """The victims' starting model: a tiny Llama pre-trained on task 0 (cached per config)."""
+    return _base_model(_model_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _base_model(cfg):
     torch.manual_seed(0)
     model = LlamaForCausalLM(_model_config(cfg)).float()
     _train(model, markov_sampler(cfg.vocab, 0, 1), cfg.pretrain_steps, 3e-3, 8, cfg.seq_len)
     return model
 
 
-@functools.lru_cache(maxsize=8)
 def synthetic_delta(cfg, stage=2, steps=60):
     """A backdoor-like Delta: the stage alone trained on another task, minus the base (surrogate).
 
     It stands in for the attack's surrogate Delta (same construction: only the stage's layers
     trained, at the victims' learning rate, Delta = surrogate - base, zero elsewhere).
     """
+    return _synthetic_delta(_model_key(cfg), stage, steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_delta(cfg, stage, steps):
     base = base_model(cfg)
     names = stage_param_names(base, stage, cfg.stages, cfg.layers)
     surrogate = copy.deepcopy(base)
