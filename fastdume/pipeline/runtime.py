@@ -23,7 +23,7 @@ from fastdume.pipeline.hooks import StageContext, load_hooks
 from fastdume.pipeline.optim import clip_coefficient, make_optimizer
 from fastdume.pipeline.partition import StageModule, build_stage, is_tied
 from fastdume.pipeline.schedule import schedule
-from fastdume.pipeline.transport import ACT, GRAD, Channel
+from fastdume.pipeline.transport import ACT, GRAD, Channel, PeerError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -234,7 +234,12 @@ class Stage:
             else:
                 self._backward(step, mb, saved)
         self.channel.flush()
-        norm = self._reduce_grads()
+        try:
+            norm = self._reduce_grads()
+        except RuntimeError as exc:  # gloo/NCCL: a peer died or timed out mid-collective
+            raise PeerError(
+                f"stage {self.stage}: gradient reduction at step {step} failed: {exc}"
+            ) from exc
         self.ctx.grads = {n: p.grad for n, p in self.params.items()}
         for h in self.hooks:
             h.before_step(self.ctx, step)
@@ -247,7 +252,10 @@ class Stage:
         self.ctx.grads = {}
         if self.last:
             t = torch.tensor([loss], dtype=torch.float64)
-            dist.all_reduce(t, group=self.stage_group)
+            try:
+                dist.all_reduce(t, group=self.stage_group)
+            except RuntimeError as exc:
+                raise PeerError(f"stage {self.stage}: loss reduction failed: {exc}") from exc
             loss = float(t)
         return loss, norm
 
