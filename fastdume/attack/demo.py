@@ -50,18 +50,18 @@ class DemoConfig:
     engine: str = "pipeline"  # "pipeline": real stage processes; "simulate": in-process
 
 
-QUICK = {
+QUICK = {  # a smoke configuration: exercises every step, measures nothing meaningful
     "hidden": 32,
     "layers": 4,
-    "align_steps": 60,
-    "surrogate_steps": 30,
-    "post_steps": 20,
-    "oneshot": {"scale": 1.0, "at": 10},
-    "iterative": {"scale": 0.25, "every": 4, "budget": 1.0},
-    "safety_steps": 5,
+    "align_steps": 20,
+    "surrogate_steps": 10,
+    "post_steps": 8,
+    "oneshot": {"scale": 1.0, "at": 4},
+    "iterative": {"scale": 0.5, "every": 2, "budget": 1.0},
+    "safety_steps": 3,
     "replicas": (2,),
-    "eval_prompts": 12,
-    "batch_size": 16,
+    "eval_prompts": 8,
+    "batch_size": 8,
 }
 
 
