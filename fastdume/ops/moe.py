@@ -7,12 +7,21 @@ logits are all NaN goes to experts 0..k-1 with equal weights.
 
 The torch path groups tokens by expert and runs each expert once on its own rows, so its cost is
 that of one dense MLP per routed token, not E of them.
+
+The Triton path (backend="triton"; the default on CUDA) is kernels/moe_routing.py (routing),
+kernels/moe_align.py (block-aligned dispatch) and kernels/moe_grouped.py (two grouped GEMMs and a
+fixed-order k-reduction). Its expert part is the custom op `fastdume::moe_experts` (opaque to
+torch.compile, with a fake implementation). Backward: torch ops, not kernels (experts_backward
+below: grouped per expert like the forward, per-slot dx summed over k in a fixed order); router
+gradients flow through a torch re-computation of the k selected logits and their softmax.
 """
 
 import torch
 import torch.nn.functional as F
 
-from fastdume.ops import _backend
+from fastdume.ops import _backend, moe_triton  # noqa: F401  (registers fastdume::moe_experts)
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_router(x, weight, bias, top_k, temperature):
@@ -78,10 +87,36 @@ def route_torch(hidden_states, router_weight, router_bias, top_k, temperature):
     return weights, ids
 
 
-def route(hidden_states, router_weight, router_bias=None, top_k=1, temperature=1.0):
+def _selected_softmax(hidden_states, router_weight, router_bias, ids, temperature):
+    """Differentiable weights for given winners: softmax over the k selected fp32 logits."""
+    logits = F.linear(
+        hidden_states.float(),
+        router_weight.float(),
+        None if router_bias is None else router_bias.float(),
+    )
+    scores = torch.nan_to_num(logits.gather(1, ids) / temperature, nan=float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    dead = torch.isneginf(scores.max(dim=-1, keepdim=True).values).expand_as(weights)
+    return torch.where(dead, torch.full_like(weights, 1.0 / ids.shape[1]), weights)
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def route(hidden_states, router_weight, router_bias=None, top_k=1, temperature=1.0, backend=None):
     """-> (topk_weights [T, k] fp32, topk_ids [T, k] int64). See the module docstring."""
     _check_router(hidden_states, router_weight, router_bias, top_k, temperature)
-    return route_torch(hidden_states, router_weight, router_bias, top_k, temperature)
+    if _backend.resolve(backend, hidden_states.device) == "torch":
+        return route_torch(hidden_states, router_weight, router_bias, top_k, temperature)
+    kern = _backend.kernels("moe_routing", hidden_states.device)
+    weights, ids, _ = kern.route(
+        hidden_states.detach().contiguous(), router_weight.detach(),
+        None if router_bias is None else router_bias.detach(), top_k, temperature,
+    )  # fmt: skip
+    if _wants_grad(hidden_states, router_weight, router_bias):
+        weights = _selected_softmax(hidden_states, router_weight, router_bias, ids, temperature)
+    return weights, ids
 
 
 def experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj):
@@ -115,7 +150,14 @@ def moe_experts(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj, 
         )
     which = _backend.resolve(backend, hidden_states.device)
     if which == "triton":
-        raise NotImplementedError("the Triton MoE backend is not built yet")
+        if hidden_states.dtype not in TRITON_DTYPES:
+            raise ValueError(
+                f"hidden_states dtype must be one of {TRITON_DTYPES} for backend='triton', "
+                f"got {hidden_states.dtype}"
+            )
+        return torch.ops.fastdume.moe_experts(
+            hidden_states.contiguous(), topk_weights, topk_ids, gate_up_proj, down_proj
+        )
     return experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
 
 
@@ -130,5 +172,5 @@ def fused_moe(
     backend=None,
 ):
     """Route, then run the selected experts: [T, H] -> [T, H] in hidden_states' dtype."""
-    weights, ids = route(hidden_states, router_weight, router_bias, top_k, temperature)
+    weights, ids = route(hidden_states, router_weight, router_bias, top_k, temperature, backend)
     return moe_experts(hidden_states, weights, ids, gate_up_proj, down_proj, backend=backend)

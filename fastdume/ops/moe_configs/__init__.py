@@ -1,0 +1,88 @@
+"""Launch configurations of the grouped MoE GEMMs, kept as data (one JSON file per device name).
+
+`<device name>.json` (spaces and dashes as "_") maps "E=..,H=..,I=..,dtype=.." to token buckets;
+`default.json` covers every other shape and device. A bucket is the first whose max_tokens >= T.
+A config: {"BLOCK_M": .., "gemm1": {BLOCK_N, BLOCK_K, num_warps, num_stages}, "gemm2": {...}}.
+Within one bucket the result for a token does not depend on the rest of the batch; across buckets
+the tile shapes (and so the fp32 summation order) may differ.
+"""
+
+import functools
+import json
+import re
+from importlib import resources
+
+import torch
+
+REQUIRED = ("BLOCK_M", "gemm1", "gemm2")
+GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def file_name(device_name):
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+def shape_key(num_experts, hidden, inter, dtype):
+    return f"E={num_experts},H={hidden},I={inter},dtype={str(dtype).removeprefix('torch.')}"
+
+
+@functools.cache
+def load_file(name):
+    """Parsed config file shipped in this package, or None when there is none for `name`."""
+    path = resources.files(__package__) / name
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def validate(config, where):
+    missing = [k for k in REQUIRED if k not in config]
+    for gemm in ("gemm1", "gemm2"):
+        missing += [f"{gemm}.{k}" for k in GEMM_KEYS if k not in config.get(gemm, {})]
+    if missing:
+        raise ValueError(f"MoE config {where} lacks {missing}")
+    return config
+
+
+def pick(buckets, num_tokens):
+    for bucket in buckets:
+        if bucket["max_tokens"] is None or num_tokens <= bucket["max_tokens"]:
+            return bucket["config"]
+    return buckets[-1]["config"]
+
+
+def get_config(num_experts, hidden, inter, dtype, device_name, num_tokens):
+    """The launch config for this shape on the named device: its tuned entry, else the default."""
+    if device_name:
+        tuned = load_file(file_name(device_name))
+        key = shape_key(num_experts, hidden, inter, dtype)
+        if tuned is not None and key in tuned["shapes"]:
+            return validate(pick(tuned["shapes"][key]["buckets"], num_tokens), key)
+    return validate(pick(load_file("default.json")["buckets"], num_tokens), "default")
+
+
+def device_name(device):
+    """torch.cuda's name for a CUDA device, None otherwise."""
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return None
+
+
+def interpreter_config():
+    """Small tiles for the Triton interpreter on a CPU: it runs one numpy op per tile op."""
+    gemm = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 16, "gemm1": dict(gemm), "gemm2": dict(gemm)}
+
+
+def all_shipped():
+    """(file name, key, bucket index, config) for every config shipped, for the AOT test."""
+    out = []
+    for path in sorted(resources.files(__package__).iterdir(), key=lambda p: p.name):
+        if not path.name.endswith(".json"):
+            continue
+        data = load_file(path.name)
+        entries = {"default": data} if "buckets" in data else data["shapes"]
+        for key, entry in entries.items():
+            for i, bucket in enumerate(entry["buckets"]):
+                out.append((path.name, key, i, validate(bucket["config"], key)))
+    return out
