@@ -1,16 +1,17 @@
 """Batched blocked right-looking Cholesky (lower) and the two triangular solves, in fp32.
 
 For each block column k0 (BS wide), for every matrix of the batch at once:
-  1. factor_panel_kernel, grid (batch,): factor the BS x BS diagonal block in registers, invert it
-     (kept in `dinv` for the solves), record the first failed pivot of that matrix in `info`, then
-     the panel below: L21 = A21 L11^-T as tl.dot over BR-row chunks.
-  2. update_kernel, grid (trailing lower tiles, batch): A22 -= L21 L21^T, one BT x BT tile per
+  1. factor_diag_kernel, grid (batch,): factor the BS x BS diagonal block in registers, invert it
+     (kept in `dinv` for the panel and the solves), record the first failed pivot of that matrix
+     in `info`.
+  2. panel_kernel, grid (BR-row chunks, batch): L21 = A21 L11^-T, one tl.dot per chunk.
+  3. update_kernel, grid (trailing lower tiles, batch): A22 -= L21 L21^T, one BT x BT tile per
      program, a tl.dot with K = BS on tensor cores; only tiles on and below the diagonal.
 Then solve_kernel, grid (batch, RHS chunks), runs the forward (L Y = B) and the backward
 (L^T X = Y) substitution block by block, each block a tl.dot with the off-diagonal blocks already
 solved and one product with the stored inverse diagonal block.
 
-Launches: 2 per block column + 2 per solve, issued from a host loop (no grid-wide barrier is
+Launches: 3 per block column + 2 per solve, issued from a host loop (no grid-wide barrier is
 needed, so no persistent kernel). The matrix stays in global memory/L2 between steps.
 Tile shapes: BS = BT = BR = 64 on GPU: the register factorisation of a 64 x 64 block is 64 short
 steps, and a 64-deep dot keeps the update on tensor cores while the trailing tile grid still has
@@ -68,7 +69,7 @@ def _invert_lower(low, diag, PRECISION: tl.constexpr, BS: tl.constexpr, LOG_BS: 
 
 
 @triton.jit
-def factor_panel_kernel(
+def factor_diag_kernel(
     a_ptr,  # [B, n, n] fp32 working matrix, lower triangle overwritten by L
     dinv_ptr,  # [B, nblocks, BS, BS] fp32 inverses of the diagonal blocks
     info_ptr,  # [B] int32: 0, or 1 + the first column whose pivot failed
@@ -82,14 +83,12 @@ def factor_panel_kernel(
     PRECISION: tl.constexpr,
     BS: tl.constexpr,
     LOG_BS: tl.constexpr,  # log2(BS): the number of squarings in _invert_lower
-    BR: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     a_mat = a_ptr + b * stride_ab
     idx = tl.arange(0, BS)
-    rows = k0 + idx
-    r = rows[:, None]
-    c = rows[None, :]
+    r = (k0 + idx)[:, None]
+    c = (k0 + idx)[None, :]
     inside = (r < n) & (c < n) & (r >= c)
     blk = tl.load(a_mat + r * stride_ar + c * stride_ac, mask=inside, other=0.0)
     blk = tl.where((r >= n) & (r == c), 1.0, blk)  # identity padding past n is harmless
@@ -97,21 +96,40 @@ def factor_panel_kernel(
     low, pivots = _factor_block(blk, BS)
     failed = ~(pivots > 0.0)  # NaN fails too
     inv = _invert_lower(low, tl.sqrt_rn(tl.where(failed, 1.0, pivots)), PRECISION, BS, LOG_BS)
-    fail = tl.min(tl.where(failed, idx, BS), axis=0)
     tl.store(a_mat + r * stride_ar + c * stride_ac, low, mask=inside)
     d_ptrs = dinv_ptr + b * stride_db + (k0 // BS) * stride_dk + idx[:, None] * BS + idx[None, :]
     tl.store(d_ptrs, inv)
+    fail = tl.min(tl.where(failed, idx, BS), axis=0)
     old = tl.load(info_ptr + b)
     tl.store(info_ptr + b, tl.where((old == 0) & (fail < BS), k0 + fail + 1, old))
 
-    # Panel: L21 = A21 L11^-T, BR rows at a time.
-    for p0 in range(k0 + BS, n, BR):
-        prow = p0 + tl.arange(0, BR)
-        p_ptrs = a_mat + prow[:, None] * stride_ar + c * stride_ac
-        pmask = (prow[:, None] < n) & (c < n)
-        a21 = tl.load(p_ptrs, mask=pmask, other=0.0)
-        l21 = tl.dot(a21, tl.trans(inv), input_precision=PRECISION)
-        tl.store(p_ptrs, l21, mask=pmask)
+
+@triton.jit
+def panel_kernel(
+    a_ptr,
+    dinv_ptr,
+    n,
+    k0,
+    stride_ab,
+    stride_ar,
+    stride_ac,
+    stride_db,
+    stride_dk,
+    PRECISION: tl.constexpr,
+    BS: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """L21 = A21 L11^-T for one BR-row chunk of the panel below the diagonal block."""
+    b = tl.program_id(1).to(tl.int64)
+    a_mat = a_ptr + b * stride_ab
+    idx = tl.arange(0, BS)
+    inv = tl.load(dinv_ptr + b * stride_db + (k0 // BS) * stride_dk + idx[:, None] * BS + idx)
+    prow = k0 + BS + tl.program_id(0) * BR + tl.arange(0, BR)
+    c = (k0 + idx)[None, :]
+    p_ptrs = a_mat + prow[:, None] * stride_ar + c * stride_ac
+    pmask = (prow[:, None] < n) & (c < n)
+    a21 = tl.load(p_ptrs, mask=pmask, other=0.0)
+    tl.store(p_ptrs, tl.dot(a21, tl.trans(inv), input_precision=PRECISION), mask=pmask)
 
 
 @triton.jit
@@ -216,18 +234,20 @@ def factor(a, dinv, info, *, precision, bs, bt, br, num_warps=4, num_stages=2):
     batch, n, _ = a.shape
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"bs must be a power of two >= 16, got {bs}")
+    opts = {"PRECISION": precision, "BS": bs, "num_warps": num_warps, "num_stages": num_stages}
+    d_strides = (dinv.stride(0), dinv.stride(1))
     for k0 in range(0, n, bs):
-        factor_panel_kernel[(batch,)](
-            a, dinv, info, n, k0, *a.stride(), dinv.stride(0), dinv.stride(1),
-            PRECISION=precision, BS=bs, LOG_BS=bs.bit_length() - 1, BR=br,
-            num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
-        tiles = triton.cdiv(n - k0 - bs, bt)
-        if tiles > 0:
-            update_kernel[(tiles * (tiles + 1) // 2, batch)](
-                a, n, k0, *a.stride(),
-                PRECISION=precision, BS=bs, BT=bt, num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
+        factor_diag_kernel[(batch,)](
+            a, dinv, info, n, k0, *a.stride(), *d_strides, LOG_BS=bs.bit_length() - 1, **opts
+        )
+        below = n - k0 - bs
+        if below <= 0:
+            break
+        panel_kernel[(triton.cdiv(below, br), batch)](
+            a, dinv, n, k0, *a.stride(), *d_strides, BR=br, **opts
+        )
+        tiles = triton.cdiv(below, bt)
+        update_kernel[(tiles * (tiles + 1) // 2, batch)](a, n, k0, *a.stride(), BT=bt, **opts)
 
 
 def solve(a, dinv, x, *, precision, bs, bm, num_warps=4, num_stages=2):

@@ -64,18 +64,18 @@ def _cholesky_specs():
     for arch in ARCHS:
         for bs in (32, 64):  # fastdume.ops.ridge._solver_config: 32 for n <= 128, else 64
             common = {"PRECISION": "tf32x3", "BS": bs}
-            panel = {"a_ptr": "*fp32", "dinv_ptr": "*fp32", "info_ptr": "*i32", "n": "i32"}
-            panel |= {"k0": "i32"} | dict.fromkeys(strides3 + ["stride_db", "stride_dk"], "i32")
-            panel_cx = common | {"LOG_BS": bs.bit_length() - 1, "BR": 64}
+            diag = {"a_ptr": "*fp32", "dinv_ptr": "*fp32", "info_ptr": "*i32", "n": "i32"}
+            diag |= {"k0": "i32"} | dict.fromkeys(strides3 + ["stride_db", "stride_dk"], "i32")
+            panel = {k: v for k, v in diag.items() if k != "info_ptr"}
             update = {"a_ptr": "*fp32", "n": "i32", "k0": "i32"} | dict.fromkeys(strides3, "i32")
-            update_cx = common | {"BT": bs}
             solve = {"l_ptr": "*fp32", "dinv_ptr": "*fp32", "x_ptr": "*fp32", "n": "i32"}
             solve |= {"m": "i32", "stride_lb": "i32", "stride_lr": "i32", "stride_lc": "i32"}
             solve |= dict.fromkeys(["stride_db", "stride_dk", "stride_xb"], "i32")
             solve |= {"stride_xr": "i32", "stride_xc": "i32"}
             for kernel, sig, cx in (
-                ("factor_panel_kernel", panel, panel_cx),
-                ("update_kernel", update, update_cx),
+                ("factor_diag_kernel", diag, common | {"LOG_BS": bs.bit_length() - 1}),
+                ("panel_kernel", panel, common | {"BR": 64}),
+                ("update_kernel", update, common | {"BT": bs}),
                 ("solve_kernel", solve, common | {"TRANS": False, "BM": 32}),
                 ("solve_kernel", solve, common | {"TRANS": True, "BM": 32}),
             ):
@@ -138,7 +138,13 @@ def test_core_configs_compile_fit_and_use_tensor_cores():
     compiled = _compiled(True)
     assert {(s["kernel"], s["arch"]) for s, _ in compiled} >= {
         (k, a)
-        for k in ("gram_kernel", "factor_panel_kernel", "update_kernel", "solve_kernel")
+        for k in (
+            "gram_kernel",
+            "factor_diag_kernel",
+            "panel_kernel",
+            "update_kernel",
+            "solve_kernel",
+        )
         for a in ARCHS
     }
     assert sum(s["tensor16"] and s["arch"] == 90 for s, _ in compiled) >= 2

@@ -12,7 +12,7 @@ computes the residual B - (A + lam I) W in float64 with torch and solves for the
 the same fp32 factor. A matrix whose fp32 factorisation hits a non-positive pivot, or whose
 refinement does not reach float64-level residuals, is redone by the float64 torch path above (that
 matrix only), which applies the jitter retry and raises for a matrix that is not SPD.
-Launches: 2 per 64-column block plus 2 per solve, from a host loop (not graph-captured yet).
+Launches: 3 per 64-column block plus 2 per solve, from a host loop (not graph-captured yet).
 """
 
 import warnings
