@@ -72,22 +72,22 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quantize_int8",
       [](uintptr_t src, uint8_t dtype, int64_t n, int64_t block, uintptr_t codes,
-         uintptr_t scales) {
+         uintptr_t scales, int threads) {
         fs::quantize_int8(ptr<const void>(src), dtype, n, block, ptr<int8_t>(codes),
-                          ptr<float>(scales));
+                          ptr<float>(scales), threads);
       },
       py::arg("src"), py::arg("dtype"), py::arg("n"), py::arg("block"), py::arg("codes"),
-      py::arg("scales"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("scales"), py::arg("threads") = 0, py::call_guard<py::gil_scoped_release>(),
       "Blockwise int8: codes[n] int8 and scales[ceil(n/block)] fp32 from src (dtype code).");
   m.def(
       "dequantize_int8",
       [](uintptr_t codes, uintptr_t scales, int64_t n, int64_t block, uintptr_t dst,
-         uint8_t dtype) {
+         uint8_t dtype, int threads) {
         fs::dequantize_int8(ptr<const int8_t>(codes), ptr<const float>(scales), n, block,
-                            ptr<void>(dst), dtype);
+                            ptr<void>(dst), dtype, threads);
       },
       py::arg("codes"), py::arg("scales"), py::arg("n"), py::arg("block"), py::arg("dst"),
-      py::arg("dtype"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("dtype"), py::arg("threads") = 0, py::call_guard<py::gil_scoped_release>(),
       "Inverse of quantize_int8, writing n elements of dtype to dst.");
   m.def(
       "crc32c",

@@ -3,6 +3,8 @@
 // whole blocks; the hot loops are compiled twice (AVX2+F16C and baseline) and picked at run time.
 #include "stream.h"
 
+#include "version.h"
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -139,13 +141,14 @@ void check_codec_args(uint8_t dtype, int64_t n, int64_t block) {
 
 // Runs fn over [0, nblocks) in contiguous chunks, one per thread when the tensor is big.
 template <class Fn>
-void over_blocks(int64_t n, int64_t block, Fn fn) {
+void over_blocks(int64_t n, int64_t block, int threads, Fn fn) {
   const int64_t nblocks = (n + block - 1) / block;
-  if (n < kParallelMin) {
+  int nt = threads > 0 ? threads : openmp_threads();
+  if (n < kParallelMin || nt <= 1) {
     fn(0, nblocks);
     return;
   }
-#pragma omp parallel
+#pragma omp parallel num_threads(nt)
   {
     int64_t t = 0, nt = 1;
 #ifdef _OPENMP
@@ -183,23 +186,25 @@ const char* dtype_name(uint8_t dtype) {
 }
 
 void quantize_int8(const void* src, uint8_t dtype, int64_t n, int64_t block, int8_t* codes,
-                   float* scales) {
+                   float* scales, int threads) {
   check_codec_args(dtype, n, block);
   const bool v = has_avx2();
   QuantFn fn = dtype == kF32    ? (v ? quant_avx2_F32 : quant_base_F32)
                : dtype == kBF16 ? (v ? quant_avx2_BF16 : quant_base_BF16)
                                 : (v ? quant_avx2_F16 : quant_base_F16);
-  over_blocks(n, block, [&](int64_t b0, int64_t b1) { fn(src, n, block, b0, b1, codes, scales); });
+  over_blocks(n, block, threads,
+              [&](int64_t b0, int64_t b1) { fn(src, n, block, b0, b1, codes, scales); });
 }
 
 void dequantize_int8(const int8_t* codes, const float* scales, int64_t n, int64_t block,
-                     void* dst, uint8_t dtype) {
+                     void* dst, uint8_t dtype, int threads) {
   check_codec_args(dtype, n, block);
   const bool v = has_avx2();
   DequantFn fn = dtype == kF32    ? (v ? dequant_avx2_F32 : dequant_base_F32)
                  : dtype == kBF16 ? (v ? dequant_avx2_BF16 : dequant_base_BF16)
                                   : (v ? dequant_avx2_F16 : dequant_base_F16);
-  over_blocks(n, block, [&](int64_t b0, int64_t b1) { fn(codes, scales, n, block, b0, b1, dst); });
+  over_blocks(n, block, threads,
+              [&](int64_t b0, int64_t b1) { fn(codes, scales, n, block, b0, b1, dst); });
 }
 
 // ---- CRC32C (Castagnoli): SSE4.2 instruction when present, a byte table otherwise ----

@@ -23,11 +23,12 @@ const char* dtype_name(uint8_t dtype);
 // One scale per block of `block` consecutive elements (the last block may be short).
 // scale = max|x| over the finite x of the block / 127; q = round_half_even(clamp(x) * 127/max);
 // NaN -> kNaNCode; +-Inf saturate to +-max of the block's finite values (0 when it has none).
+// threads: OpenMP threads to use (0 = the OpenMP default).
 void quantize_int8(const void* src, uint8_t dtype, int64_t n, int64_t block, int8_t* codes,
-                   float* scales);
+                   float* scales, int threads = 0);
 // x = q * scale in fp32, then rounded to `dtype` (round to nearest even); kNaNCode -> NaN.
 void dequantize_int8(const int8_t* codes, const float* scales, int64_t n, int64_t block,
-                     void* dst, uint8_t dtype);
+                     void* dst, uint8_t dtype, int threads = 0);
 
 uint32_t crc32c(const void* data, size_t nbytes, uint32_t crc = 0);
 

@@ -14,8 +14,9 @@ the last block may be short):
     rounding of the target dtype) for every finite x.
 Payload layout for int8: fp32 scales [ceil(n / block)] then int8 codes [n].
 
-Backends: "cpp" (fastdume._C, OpenMP, CPU tensors), "cuda" (fastdume._C_cuda, CUDA tensors),
-"torch" (the reference, any device). None picks the fastest that applies.
+Backends: "cpp" (fastdume._C, OpenMP with torch.get_num_threads() threads, CPU tensors),
+"cuda" (fastdume._C_cuda, CUDA tensors), "torch" (the reference, any device). None picks the
+fastest that applies.
 """
 
 import math
@@ -134,7 +135,13 @@ def quantize(x, block=DEFAULT_BLOCK, backend=None, out=None):
         _check_out(scales, torch.float32, num_blocks(n, block), x.device, "scales")
     if be == "cpp":
         cpu_ext().quantize_int8(
-            x.data_ptr(), DTYPE_CODES[x.dtype], n, block, codes.data_ptr(), scales.data_ptr()
+            x.data_ptr(),
+            DTYPE_CODES[x.dtype],
+            n,
+            block,
+            codes.data_ptr(),
+            scales.data_ptr(),
+            torch.get_num_threads(),  # the same thread budget as torch's own CPU ops
         )
     else:
         stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -164,7 +171,13 @@ def dequantize(codes, scales, shape, dtype=torch.float32, block=DEFAULT_BLOCK, b
     out = torch.empty(shape, dtype=dtype, device=codes.device)
     if be == "cpp":
         cpu_ext().dequantize_int8(
-            codes.data_ptr(), scales.data_ptr(), n, block, out.data_ptr(), DTYPE_CODES[dtype]
+            codes.data_ptr(),
+            scales.data_ptr(),
+            n,
+            block,
+            out.data_ptr(),
+            DTYPE_CODES[dtype],
+            torch.get_num_threads(),
         )
     else:
         stream = torch.cuda.current_stream(codes.device).cuda_stream
