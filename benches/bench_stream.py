@@ -30,9 +30,18 @@ def _roundtrip(x, backend):
     return stream.dequantize(codes, scales, x.shape, x.dtype, BLOCK, backend=backend)
 
 
+@pytest.fixture(params=[1, None], ids=["1thread", "allthreads"])
+def threads(request):
+    # Both backends get the same budget: the C++ codec follows torch.get_num_threads().
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param or before)
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mb", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_roundtrip_cpp_vs_torch(benchmark, mb, dtype):
+def test_quant_roundtrip_cpp_vs_torch(benchmark, mb, dtype, threads):
     n = mb * 2**20 // torch.empty(0, dtype=dtype).element_size()
     x = torch.randn(n).to(dtype)
     if benchmark.disabled and mb > 1:  # smoke run: exercise the path, skip the slow baseline
@@ -47,7 +56,7 @@ def test_quant_roundtrip_cpp_vs_torch(benchmark, mb, dtype):
         cpp_gb_s=nbytes / t_cpp / 1e9,
         torch_gb_s=nbytes / t_torch / 1e9,
         speedup_vs_torch=t_torch / t_cpp,
-        threads=torch.get_num_threads(),
+        threads=threads,
     )
 
 
