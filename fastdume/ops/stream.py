@@ -356,7 +356,8 @@ class DeviceStager:
         buf_id, ptr = self.pool.acquire(nbytes)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         event = self.engine.copy(ptr, x.data_ptr(), nbytes, True, stream)
-        x.record_stream(torch.cuda.current_stream(x.device))  # keep x alive until copied
+        # x's memory must not be reused before the copy stream has read it
+        x.record_stream(torch.cuda.ExternalStream(self.engine.d2h_stream, device=x.device))
         return buf_id, _host_view(ptr, nbytes), event
 
     def to_device(self, host, shape, dtype, device):
