@@ -1,0 +1,25 @@
+"""Backdoor attack on pipeline-parallel post-training (research tooling for studying defences).
+
+The attacker holds one intermediate stage: it trains a surrogate on its own layers only
+(`train_surrogate`), takes Delta = surrogate - base on those layers (`backdoor_delta`), and adds
+it to its stage's weights during the victims' post-training through the pipeline hook
+``"fastdume.attack.inject:make_hooks"`` (one-shot or iterative `Schedule`). `attack_report`
+measures alignment with and without the trigger under a judge (`RefusalJudge` by default).
+"""
+
+from .backdoor import DEFAULT_TRIGGER, add_trigger, backdoor_pairs, encode_backdoor
+from .datasets import Example, arithmetic_tasks, harmful_requests, read_preferences
+from .evaluate import Rate, alignment, attack_report, generate, response_loss, wilson_interval
+from .inject import BackdoorInjection, Schedule, make_hooks
+from .judges import ClassifierJudge, GenerativeJudge, RefusalJudge, make_judge
+from .surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
+from .train import stage_layers, stage_param_names
+
+__all__ = [
+    "DEFAULT_TRIGGER", "BackdoorInjection", "ClassifierJudge", "Example", "GenerativeJudge",
+    "Rate", "RefusalJudge", "Schedule", "add_trigger", "alignment", "arithmetic_tasks",
+    "attack_report", "backdoor_delta", "backdoor_pairs", "encode_backdoor", "generate",
+    "harmful_requests", "load_delta", "make_hooks", "make_judge", "read_preferences",
+    "response_loss", "save_delta", "stage_layers", "stage_param_names", "train_surrogate",
+    "wilson_interval",
+]  # fmt: skip

@@ -34,7 +34,9 @@ class DemoConfig:
     align_lr: float = 3e-3
     surrogate_steps: int = 200
     surrogate_lr: float = 2e-3
-    surrogate_benign: float = 0.5  # share of benign task rows mixed into the surrogate set
+    # benign rows (own draw, not the victims' data) per backdoor row in the surrogate's set:
+    # they keep Delta from hurting the task, so post-training has nothing to repair
+    surrogate_benign: float = 1.0
     post_steps: int = 200
     post_lr: float = 1e-3
     oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 100})
@@ -106,7 +108,8 @@ def _run(cfg, log):
     # 2. the attacker's surrogate and Delta, on its own stage only
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
     bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
-    bd += enc(benign[-int(cfg.surrogate_benign * len(bd)) :]) if cfg.surrogate_benign else []
+    n_benign = int(cfg.surrogate_benign * len(bd))
+    bd += enc(arithmetic_tasks(n_benign, cfg.seed + 1000, "train")) if n_benign else []
     surrogate, _ = train_surrogate(
         model, bd, names, cfg.surrogate_steps, cfg.surrogate_lr, cfg.batch_size, pid, cfg.seed
     )

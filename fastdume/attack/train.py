@@ -4,19 +4,16 @@ import random
 
 import torch
 
+from fastdume.pipeline.partition import split_layers
+
 from .chat import collate
 
 
 def stage_layers(num_layers, num_stages, stage):
-    """Layer range of a stage: contiguous, the first num_layers % num_stages stages one longer."""
-    if not 0 <= stage < num_stages or num_stages > num_layers:
-        raise ValueError(
-            f"need 0 <= stage < num_stages <= num_layers, got stage={stage}, "
-            f"num_stages={num_stages}, num_layers={num_layers}"
-        )
-    base, extra = divmod(num_layers, num_stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
+    """Layer range of a stage, exactly as the pipeline partitions (fastdume.pipeline.partition)."""
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage must be in 0..{num_stages - 1}, got {stage}")
+    return range(*split_layers(num_layers, num_stages)[stage])
 
 
 def stage_param_names(model, num_stages, stage):
