@@ -120,3 +120,24 @@ def test_schedules_cover_every_micro_batch_once():
     assert peak == 4
     with pytest.raises(ValueError, match="schedule must be one of"):
         schedule("zero-bubble", 2, 0, 2)
+
+
+def test_int8_channel_reuses_send_and_receive_buffers(pair):
+    pgs, _ = pair
+    c0, c1 = (
+        Channel(s, lambda s: s, compress="int8", block=32, timeout=2, group=pgs[s])
+        for s in range(2)
+    )
+    for step in range(3):
+        x = torch.randn(2, 5, 48)
+        for mb in range(2):
+            c0.send(x * (mb + 1), 1, ACT, micro_batch=mb, step=step)
+        for mb in range(2):
+            y = c1.recv(0, ACT, mb, step, (2, 5, 48), torch.float32)
+            ref = stream.dequantize_reference(
+                *stream.quantize_reference(x * (mb + 1), 32), x.shape, x.dtype, 32
+            )
+            torch.testing.assert_close(y, ref, rtol=0, atol=0)
+        c0.flush()
+    assert c0.send_pool.allocations == 2 and c0.send_pool.reuses == 4
+    assert c1.pool.allocations == 1

@@ -230,3 +230,14 @@ def test_pack_unpack_cuda_int8_matches_cpu():
     ref = stream.dequantize_reference(*stream.quantize_reference(x.cpu(), 64), x.shape, x.dtype, 64)
     assert y.is_cuda
     torch.testing.assert_close(y.cpu(), ref, rtol=0, atol=0)
+
+
+def test_pack_into_caller_buffer_matches():
+    x = torch.randn(3, 50)
+    h, p = stream.pack(x, step=2, micro_batch=1, stage=0, compress="int8", block=16)
+    need = stream.payload_nbytes(x, "int8", 16)
+    buf = torch.full((need + 10,), 0xAB, dtype=torch.uint8)
+    h2, p2 = stream.pack(x, step=2, micro_batch=1, stage=0, compress="int8", block=16, out=buf)
+    assert p2.data_ptr() == buf.data_ptr() and torch.equal(p2, p) and torch.equal(h2, h)
+    with pytest.raises(ValueError, match=f"out must be a CPU uint8 buffer of >= {need} bytes"):
+        stream.pack(x, step=2, micro_batch=1, stage=0, compress="int8", block=16, out=buf[:10])

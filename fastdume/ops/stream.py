@@ -217,8 +217,18 @@ def _bytes_view(t):
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def pack(x, *, step, micro_batch, stage, compress="none", block=DEFAULT_BLOCK):
-    """Encode `x` as (header uint8 [128], payload uint8 [nbytes]) CPU tensors for the wire."""
+def payload_nbytes(x, compress="none", block=DEFAULT_BLOCK):
+    """Bytes of the payload `pack` produces for x (to size a reusable send buffer)."""
+    if compress == "int8" and x.dtype in FLOAT_DTYPES:
+        return 4 * num_blocks(x.numel(), block) + x.numel()
+    return x.numel() * x.element_size()
+
+
+def pack(x, *, step, micro_batch, stage, compress="none", block=DEFAULT_BLOCK, out=None):
+    """Encode `x` as (header uint8 [128], payload uint8 [nbytes]) CPU tensors for the wire.
+
+    out: optional uint8 CPU buffer of at least payload_nbytes(x, ...) bytes for an int8 payload
+    (e.g. from a BufferPool); an uncompressed CPU payload is a view of x and needs none."""
     if compress not in CODEC_CODES:
         raise ValueError(f"compress must be one of {COMPRESSIONS}, got {compress!r}")
     if x.dtype not in DTYPE_CODES:
@@ -232,7 +242,15 @@ def pack(x, *, step, micro_batch, stage, compress="none", block=DEFAULT_BLOCK):
     else:
         _check_block(block)
         nb = num_blocks(n, block)
-        payload = torch.empty(4 * nb + n, dtype=torch.uint8)
+        if out is None:
+            payload = torch.empty(4 * nb + n, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() < 4 * nb + n or out.device.type != "cpu":
+            raise ValueError(
+                f"out must be a CPU uint8 buffer of >= {4 * nb + n} bytes, got {out.dtype} "
+                f"[{out.numel()}] on {out.device}"
+            )
+        else:
+            payload = out[: 4 * nb + n]
         scales = payload[: 4 * nb].view(torch.float32)
         codes = payload[4 * nb :].view(torch.int8)
         if x.is_cuda:

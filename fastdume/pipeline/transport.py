@@ -39,23 +39,34 @@ class Channel:
         self.compress, self.block = compress, block
         self.timeout = timedelta(seconds=float(timeout))
         self.group = group  # None: the default world group; or a raw ProcessGroup object
-        self.pool = cpu_ext().BufferPool(8)
-        self.pending = []  # outstanding sends: (work, tensors kept alive)
+        self.pool = cpu_ext().BufferPool(8)  # receive buffers
+        # send buffers: up to one per in-flight micro-batch message before flush()
+        self.send_pool = cpu_ext().BufferPool(1024)
+        self.pending = []  # outstanding sends: (work, tensor kept alive, send buffer id)
         self.bytes_sent = 0
 
     def send(self, tensor, to_stage, kind, micro_batch, step):
+        tensor = tensor.detach()
+        buf_id, out = None, None
+        if self.compress == "int8" and tensor.dtype in stream.FLOAT_DTYPES:
+            # compressed payloads are built in pooled buffers, returned at flush()
+            buf_id, arr = self.send_pool.acquire(
+                stream.payload_nbytes(tensor, self.compress, self.block)
+            )
+            out = torch.from_numpy(arr)
         header, payload = stream.pack(
-            tensor.detach(),
+            tensor,
             step=step,
             micro_batch=micro_batch,
             stage=self.stage,
             compress=self.compress,
             block=self.block,
+            out=out,
         )
         dst = self.rank_of(to_stage)
         for part, t in enumerate((header, payload)):
             work = self._isend(t, dst, _tag(kind, micro_batch, part))
-            self.pending.append((work, t))
+            self.pending.append((work, t, buf_id if part == 1 else None))
         self.bytes_sent += header.numel() + payload.numel()
 
     def _isend(self, t, dst, tag):
@@ -104,5 +115,7 @@ class Channel:
     def flush(self):
         """Wait for every outstanding send (end of step: buffers may be reused after this)."""
         pending, self.pending = self.pending, []
-        for work, _ in pending:
+        for work, _, buf_id in pending:
             self._wait(work, "sending")
+            if buf_id is not None:
+                self.send_pool.release(buf_id)
