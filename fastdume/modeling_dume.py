@@ -15,6 +15,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, Pr
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from fastdume.ops.moe import fused_moe, moe_experts
@@ -259,6 +260,7 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         return list(self.config.domains)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,

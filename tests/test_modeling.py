@@ -110,9 +110,12 @@ def test_one_expert_model_equals_the_dense_model(family):
         ids = torch.randint(0, 256, (2, 12))
         mask = torch.ones_like(ids)
         mask[1, 9:] = 0
-        expected = dense(ids, attention_mask=mask).logits
-        got = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        expected = dense(ids, attention_mask=mask, labels=ids)
+        got = model(ids, attention_mask=mask, labels=ids)
+        as_tuple = model(ids, attention_mask=mask, return_dict=False)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(as_tuple[0], expected.logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
