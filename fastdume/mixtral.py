@@ -5,7 +5,8 @@ the k winners: exp(l_i) / sum_topk exp(l_j), which is DUME's softmax over the to
 What Mixtral cannot express is the router bias, so the export needs a bias that is the same for
 every expert of a layer (zero, or any constant, which changes neither the top-k nor the
 softmax over it). A fitted DUME router has a real bias, so it is refused, saying which layer.
-The temperature is folded into the router weight (logits / T = x (W / T)^T).
+The temperature is folded into the router weight (logits / T = x (W / T)^T). Mixtral keeps its
+router in the model dtype, so a bf16/fp16 export routes with rounded logits (fp32 is exact).
 """
 
 import torch
