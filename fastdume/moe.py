@@ -1,5 +1,6 @@
 """fastdume.moe: the production inference face (routing op, fused MoE, the DUME model)."""
 
+from fastdume.hf_experts import accelerate
 from fastdume.mixtral import export_mixtral
 from fastdume.modeling_dume import (
     DumeConfig,
@@ -12,6 +13,7 @@ from fastdume.modeling_dume import (
 from fastdume.ops.moe import fused_moe, route
 
 __all__ = [
+    "accelerate",
     "DumeConfig",
     "DumeExperts",
     "DumeForCausalLM",
