@@ -103,7 +103,7 @@ def test_bf16_inputs_are_exact_products():
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layers=st.integers(1, 2),
-    n=st.integers(1, 40),
+    n=st.integers(0, 40),
     h=st.integers(1, 35),
     masked=st.booleans(),
 )
@@ -117,6 +117,15 @@ def test_triton_equals_torch_backend(layers, n, h, masked):
     assert c_t == c_r
     torch.testing.assert_close(g_t, g_r, rtol=1e-5, atol=1e-4, equal_nan=True)
     torch.testing.assert_close(s_t, s_r, rtol=1e-5, atol=1e-4)
+
+
+def test_fp64_precision_runs_the_float64_torch_path():
+    x = _hidden(1, 30, 20, torch.float32, heavy=True)
+    gram = torch.zeros(1, 20, 20, dtype=torch.float64)
+    colsum = torch.zeros(1, 20, dtype=torch.float64)
+    gram_accumulate(x, gram, colsum, precision="fp64", backend="triton")
+    ref = x[0].double().T @ x[0].double()
+    torch.testing.assert_close(symmetrize(gram[0]), ref, rtol=1e-13, atol=0)
 
 
 def test_bad_input_names_the_argument():

@@ -108,6 +108,8 @@ def _config(x, interpreted, n_programs):
 def gram_accumulate_triton(x, gram, colsum, mask=None, precision=None, config=None):
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be float32, bfloat16 or float16 for Triton, got {x.dtype}")
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        return 0  # nothing to add (and no empty grid to launch)
     interpreted = x.device.type != "cuda"
     kern = _backend.kernels("gram", x.device)
     batched = x.dim() == 3
