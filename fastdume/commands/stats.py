@@ -64,6 +64,17 @@ def _device(args, rank):
 
 
 def run(args):
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    try:
+        return _run(args)
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args):
     from fastdume.router import RouterStats, collect_stats
 
     start = time.perf_counter()
