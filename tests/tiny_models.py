@@ -1,37 +1,11 @@
-"""Tiny random dense configs and DUME models for the model/upcycle/export tests."""
+"""Tiny random DUME models for the model/upcycle/export tests (dense ones from fastdume.data)."""
 
 import torch
-import transformers
 
-FAMILY_CONFIGS = {
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,
-}
-FAMILIES = tuple(FAMILY_CONFIGS)
+from fastdume.data.tiny import FAMILIES, tiny_config
+from fastdume.data.tiny import tiny_model as tiny_dense
 
-
-def tiny_config(family, **overrides):
-    """hidden 64, 2 layers, 4 heads, 2 kv heads, inter 128, vocab 256 (as fastdume.data.zoo)."""
-    fields = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
-    fields.update(overrides)
-    # Qwen3's default head_dim is 128 whatever the hidden size: keep heads * head_dim == hidden.
-    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
-    return FAMILY_CONFIGS[family](**fields)
-
-
-def tiny_dense(family, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+__all__ = ["FAMILIES", "tiny_config", "tiny_dense", "tiny_dume"]
 
 
 def tiny_dume(family, domains=("a", "b", "c"), top_k=1, temperature=1.0, seed=0, **overrides):
