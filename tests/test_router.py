@@ -338,3 +338,24 @@ def test_fit_router_writes_solution_in_model_domain_order_and_checks_model(tmp_p
         fit_router(_model(num_hidden_layers=3), stats)
     with pytest.raises(ValueError, match=r"stats lack the model's domains \['b'\]"):
         fit_router(model, stats.select(["a", "c"]))
+
+
+@pytest.mark.gpu
+def test_collect_and_fit_on_cuda_match_cpu(tmp_path):
+    from fastdume.router import collect_stats, fit_router, solve_router
+
+    cpu_model, batches = _model(), _batches()
+    cpu = collect_stats(cpu_model, "a", batches, progress=False)
+    gpu_model = _model().to("cuda")
+    gpu = collect_stats(gpu_model, "a", batches, progress=False)
+    assert gpu.device.type == "cuda" and gpu.fingerprint == cpu.fingerprint
+    assert gpu.count("a").tolist() == cpu.count("a").tolist()
+    assert_close(gpu.gram("a").cpu().numpy(), cpu.gram("a").numpy(), rtol=1e-5)
+    assert_close(gpu.colsum("a").cpu().numpy(), cpu.colsum("a").numpy(), rtol=1e-5)
+    for d in ("b", "c"):
+        gpu = collect_stats(gpu_model, d, _batches(seed=ord(d)), stats=gpu, progress=False)
+    fit_router(gpu_model, gpu)
+    loaded = RouterStats.load(gpu.save(tmp_path / "g.safetensors"), model=cpu_model)
+    weight, _ = solve_router(loaded, domains=["a", "b", "c"])
+    for layer, moe in enumerate(gpu_model.dume_layers()):
+        assert torch.allclose(moe.router.weight.double().cpu(), weight[layer], atol=1e-4)
