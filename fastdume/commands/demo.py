@@ -40,8 +40,8 @@ def add_parser(subparsers):
     parser.add_argument(
         "--eval-batches",
         type=int,
-        default=8,
-        help="validation batches per domain for perplexity (default 8; 0 = all)",
+        default=4,
+        help="validation batches per domain for perplexity (default 4; 0 = all)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -134,7 +134,9 @@ def _build(args, zoo, batches_of):
     from fastdume.upcycle import upcycle
 
     shared = "mean" if args.shared == "mean" else f"base:{zoo.base}"
+    print(f"upcycling {len(zoo.domains)} dense experts ({', '.join(zoo.domains)}), shared={shared}")
     model = upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains, shared=shared)
+    print(f"collecting router statistics ({args.stats_tokens:,} tokens per domain), fitting")
     stats = None
     for d in zoo.domains:
         stats = collect_stats(
@@ -192,6 +194,7 @@ def run(args):
     times["upcycle_stats_fit"] = time.perf_counter() - t
     t = time.perf_counter()
     results = {"perplexity": {}, "routing_accuracy": {}}
+    print("evaluating validation perplexity: dense experts, uniform averaging, DUME")
     for d in zoo.domains:
         dense = _load_dense(zoo.experts[d])
         results["perplexity"][f"dense expert: {d}"] = _eval(dense, batches_of, zoo.domains)
