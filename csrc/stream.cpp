@@ -5,6 +5,10 @@
 
 #include "version.h"
 
+// Nobody reads the FP exception flags here; without this GCC refuses to if-convert (and so to
+// vectorise) the NaN selects, since the unselected multiply "might trap". Results are unchanged.
+#pragma GCC optimize("no-trapping-math")
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -77,8 +81,10 @@ inline void quant_blocks(const void* vsrc, int64_t n, int64_t block, int64_t b0,
       float x = Tr::load(src, i);
       float xc = x > m ? m : (x < -m ? -m : x);  // NaN passes through both compares
       float v = xc * inv;
+      bool nan = v != v;
       float r = (v + kRound) - kRound;
-      codes[i] = v != v ? kNaNCode : static_cast<int8_t>(static_cast<int32_t>(r));
+      int32_t q = static_cast<int32_t>(nan ? 0.f : r);
+      codes[i] = static_cast<int8_t>(nan ? static_cast<int32_t>(kNaNCode) : q);
     }
   }
 }
@@ -94,7 +100,8 @@ inline void dequant_blocks(const int8_t* codes, const float* scales, int64_t n, 
 #pragma omp simd
     for (int64_t i = lo; i < hi; ++i) {
       int8_t q = codes[i];
-      Tr::store(dst, i, q == kNaNCode ? nan : static_cast<float>(q) * s);
+      float v = static_cast<float>(q) * s;
+      Tr::store(dst, i, q == kNaNCode ? nan : v);
     }
   }
 }
