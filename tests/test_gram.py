@@ -141,3 +141,16 @@ def test_bad_input_names_the_argument():
         gram_accumulate(x.double(), gram, colsum, backend="triton")
     with pytest.raises(ValueError, match="NaN or Inf"):
         gram_accumulate(torch.full((8, 4), float("inf")), gram, colsum, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layers,n,h", [(1, 4096, 300), (3, 1000, 769)])
+def test_gpu_configs_match_float64(layers, n, h, x_dtype):
+    """The shipped GPU tiles (128, split-K when the grid is small) on a real device."""
+    x = _hidden(layers, n, h, x_dtype, heavy=True).cuda()
+    mask = (torch.rand(n) > 0.2).cuda()
+    gram, colsum = (t.cuda() for t in _stats(layers, h, torch.float64))
+    gram0, sum0 = gram.clone(), colsum.clone()
+    count = gram_accumulate(x, gram, colsum, mask)  # backend=None: Triton on CUDA
+    _check(x.cpu(), gram0.cpu(), sum0.cpu(), gram.cpu(), colsum.cpu(), count, mask.cpu(), 1e-5)

@@ -22,8 +22,8 @@ def _spd(batch, n, cond, scale=1.0):
 
 
 def _residual(A, B, lam, W):
-    lam = torch.as_tensor(lam, dtype=torch.float64)
-    M = A + lam[..., None, None] * torch.eye(A.shape[-1], dtype=torch.float64)
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=A.device)
+    M = A + lam[..., None, None] * torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
     return torch.linalg.matrix_norm(M @ W - B) / torch.linalg.matrix_norm(B)
 
 
@@ -171,3 +171,15 @@ def test_ridge_triton_larger(batch, n, fallback_spy):
     W = ridge_solve(A, B, 1e-4, backend="triton")
     assert fallback_spy == []
     assert (_residual(A, B, 1e-4, W) <= 1e-5).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,n", [(1000, 65), (4, 769)])
+def test_gpu_configs_refined_to_float64(batch, n, fallback_spy):
+    A = _spd(batch, n, 1e8, scale=10.0).cuda()
+    B = torch.randn(batch, n, 8, dtype=torch.float64).cuda()
+    W = ridge_solve(A, B, 1e-4)  # backend=None: Triton on CUDA
+    assert fallback_spy == []
+    assert (_residual(A, B, 1e-4, W) <= 1e-5).all()
+    ref = ridge_solve(A, B, 1e-4, backend="torch")
+    torch.testing.assert_close(W, ref, rtol=0, atol=1e-8 * ref.abs().max().item())
