@@ -14,8 +14,8 @@ the stored tiles). What `precision` means there:
   in fp32, so this is as accurate as "fp32" and the fastest path.
 - fp32 inputs: None (the default, chosen for accuracy) and "fp32" use exact fp32 products
   (input_precision="ieee", CUDA cores); "tf32x3" splits each operand into two tf32 halves (about
-  fp32 accuracy on tensor cores); "tf32" and "bf16" round the inputs (~1e-3 relative error in G)
-  for tensor-core speed.
+  fp32 accuracy on tensor cores); "tf32" and "bf16" round the inputs (1e-3..1e-2 relative error
+  in G on heavy-tailed data) for tensor-core speed.
 - "fp64" is not a Triton path: it runs the torch backend.
 """
 
