@@ -1,9 +1,9 @@
 """Batched blocked right-looking Cholesky (lower) and the two triangular solves, in fp32.
 
 For each block column k0 (BS wide), for every matrix of the batch at once:
-  1. factor_diag_kernel, grid (batch,): factor the BS x BS diagonal block in registers, invert it
-     (kept in `dinv` for the panel and the solves), record the first failed pivot of that matrix
-     in `info`.
+  1. factor_diag_kernel, grid (batch,): factor the BS x BS diagonal block in registers (BS
+     sequential column steps), invert it with log2(BS) tl.dot squarings (kept in `dinv` for the
+     panel and the solves), record the first failed pivot of that matrix in `info`.
   2. panel_kernel, grid (BR-row chunks, batch): L21 = A21 L11^-T, one tl.dot per chunk.
   3. update_kernel, grid (trailing lower tiles, batch): A22 -= L21 L21^T, one BT x BT tile per
      program, a tl.dot with K = BS on tensor cores; only tiles on and below the diagonal.
@@ -11,11 +11,13 @@ Then solve_kernel, grid (batch, RHS chunks), runs the forward (L Y = B) and the 
 (L^T X = Y) substitution block by block, each block a tl.dot with the off-diagonal blocks already
 solved and one product with the stored inverse diagonal block.
 
-Launches: 3 per block column + 2 per solve, issued from a host loop (no grid-wide barrier is
-needed, so no persistent kernel). The matrix stays in global memory/L2 between steps.
-Tile shapes: BS = BT = BR = 64 on GPU: the register factorisation of a 64 x 64 block is 64 short
-steps, and a 64-deep dot keeps the update on tensor cores while the trailing tile grid still has
-hundreds of programs at n >= 1k; the interpreter tests use 16 through the same constexprs.
+Launches: 3 per block column + 2 per solve, issued asynchronously from a host loop (neither a
+persistent kernel nor a captured CUDA graph yet). The matrix stays in global memory/L2 between
+steps. Dots take PRECISION ("tf32x3" on GPU: fp32-level products on tensor cores).
+Tile shapes: BS = BT = 64 (32 for n <= 128), BR = 64 on GPU: the register factorisation of a
+64 x 64 block is 64 short steps, and a 64-deep dot keeps the update on tensor cores while the
+trailing tile grid still has hundreds of programs at n >= 1k; the interpreter tests use 16
+through the same constexprs.
 Only the lower triangle of the working matrix is read or written.
 """
 
