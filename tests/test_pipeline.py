@@ -271,3 +271,26 @@ def test_two_stages_on_cuda_match_single_process(setup, reference):
         torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=0, atol=1e-4
     )
     _assert_same_weights(_merged(setup / "cuda_none"), reference[1], 1e-4)
+
+
+@pytest.mark.slow
+def test_same_command_under_torchrun(setup, reference):
+    import subprocess
+    import sys
+
+    from fastdume.pipeline.launch import _free_port
+
+    out = setup / "torchrun"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(_free_port()), "-m", "fastdume.cli", "pipeline-train",
+        "--model", str(setup / "model"), "--data", str(setup / "sft.jsonl"), "--stages", "2",
+        "--micro-batches", "2", "--micro-batch-size", "2", "--seq-len", "24",
+        "--steps", str(STEPS), "--out", str(out), "--lr", "3e-3", "--warmup", "1",
+        "--max-grad-norm", "0.5",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, timeout=300)
+    last = json.loads((out / "ranks" / "rank1.json").read_text())
+    losses = [last["losses"][str(s)] for s in range(STEPS)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[0]), rtol=0, atol=1e-5)
+    _assert_same_weights(_merged(out), reference[1], 1e-5)
