@@ -283,7 +283,8 @@ def run_defense_report(
         # Replica divergence needs R >= 2 (every replica of every stage fingerprints itself).
         rcfg = replace(cfg, replicas=replicas)
         rkw = {"detectors": ["audit", "replica"]}
-        rclean = run(rcfg, range(max(2, seeds // 2)), rkw, f"clean R={replicas}")
+        # Digests are exact, so fewer clean seeds suffice here (each run costs R trainings).
+        rclean = run(rcfg, range(max(2, seeds // 4)), rkw, f"clean R={replicas}")
         rattacks = {}
         for label, sched in settings[:1] + settings[2:3] + settings[6:7]:
             kw = dict(

@@ -52,7 +52,7 @@ class TrafficStats(DetectorHook):
 
     name = "traffic"
 
-    def __init__(self, alpha=0.05, warmup=10):
+    def __init__(self, alpha=0.05, warmup=20):
         super().__init__()
         self._run = {k: (_Running(alpha, warmup), _Running(alpha, warmup)) for k in ("act", "grad")}
         self._step_max = {"act": 0.0, "grad": 0.0}

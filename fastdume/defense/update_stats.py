@@ -3,7 +3,8 @@
 Per stage and step the hook measures x_t = log(||theta_after - theta_before|| / lr_t): dividing by
 the learning rate removes warmup and decay, so an honest AdamW run gives a nearly flat series.
 Scores (pure functions, shared with calibration):
-- spike: robust z of x_t against the median and MAD of the previous `window` steps;
+- spike: robust z of the change x_t - x_{t-1} against the median and MAD of the changes of the
+  previous `window` steps;
 - periodic: for each period F in [2, max_period], sqrt(K) * mean of the spike z at t, t-F, ...,
   t-(K-1)F; the maximum over F. Injection every F steps lines up; honest noise does not.
 Cost: one flat copy of the stage's parameters and one subtraction per step (no extra traffic).
@@ -16,17 +17,24 @@ import torch
 from ._base import DetectorHook, current_lr, flat_params
 
 
-def spike_scores(x, window=20, min_history=8):
-    """Robust z-score of each x_t against x_{t-window..t-1} (0 until min_history points exist)."""
+def spike_scores(x, window=20, min_history=6):
+    """Robust z-score of each step's change d_t = x_t - x_{t-1} against the changes of the
+    previous `window` steps (0 until min_history changes exist).
+
+    Changes rather than levels: early in training the level still drifts (Adam's normalised
+    step shrinks), which would inflate a level-based spread and hide a jump.
+    """
     x = torch.as_tensor(x, dtype=torch.float64)
+    d = torch.zeros_like(x)
+    d[1:] = x[1:] - x[:-1]
     z = torch.zeros_like(x)
-    for t in range(len(x)):
-        hist = x[max(0, t - window) : t]
+    for t in range(1, len(x)):
+        hist = d[max(1, t - window) : t]
         if len(hist) < min_history:
             continue
         med = hist.median()
         mad = (hist - med).abs().median() * 1.4826
-        z[t] = (x[t] - med) / (mad + 1e-3)
+        z[t] = (d[t] - med) / (mad + 1e-3)
     return z
 
 
@@ -45,7 +53,7 @@ def periodic_scores(z, max_period=12, repeats=4):
     return out
 
 
-def update_scores(log_norms, window=20, min_history=8, max_period=12, repeats=4):
+def update_scores(log_norms, window=20, min_history=6, max_period=12, repeats=4):
     """{'spike': [...], 'periodic': [...]} for one stage's series of log(update norm / lr)."""
     z = spike_scores(log_norms, window, min_history)
     return {"spike": z.tolist(), "periodic": periodic_scores(z, max_period, repeats).tolist()}
