@@ -46,7 +46,10 @@ def _check(x, gram, colsum, mask, precision):
     for name, t in (("gram", gram), ("colsum", colsum), ("mask", mask)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not bool(torch.isfinite(x).all()):
+
+
+def _check_finite(values):
+    if not bool(torch.isfinite(values).all()):
         raise ValueError("x contains NaN or Inf; refusing to poison the statistics")
 
 
@@ -56,6 +59,10 @@ def gram_accumulate_torch(x, gram, colsum, mask=None, precision=None):
     compute = torch.float64 if precision == "fp64" else torch.float32
     xc = x.to(compute)
     hidden = x.shape[-1]
+    # A NaN/Inf anywhere in x makes its column sum non-finite: checking the sums (needed anyway)
+    # instead of x saves a full pass over the input, and still raises before `gram` is touched.
+    total = xc.sum(dim=-2)
+    _check_finite(total)
     # One GEMM per row panel (its off-diagonal block and diagonal tile together): fewer, larger
     # products and no extra casts; in-place adds promote fp32 products into an fp64 store.
     for start in range(0, hidden, _TILE):
@@ -63,7 +70,7 @@ def gram_accumulate_torch(x, gram, colsum, mask=None, precision=None):
         panel = xc[..., start:stop].transpose(-1, -2) @ xc[..., :stop]
         panel[..., :, start:].tril_()
         gram[..., start:stop, :stop] += panel
-    colsum += xc.sum(dim=-2).to(colsum.dtype)
+    colsum += total
     return x.shape[-2]
 
 
@@ -76,6 +83,7 @@ def gram_accumulate(x, gram, colsum, mask=None, precision=None, backend=None):
     _check(x, gram, colsum, mask, precision)
     which = _backend.resolve(backend, x.device)
     if which == "triton" and precision != "fp64":
+        _check_finite(x)
         return gram_accumulate_triton(x, gram, colsum, mask, precision)
     return gram_accumulate_torch(x, gram, colsum, mask, precision)
 
