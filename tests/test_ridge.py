@@ -140,6 +140,17 @@ def test_triton_equals_torch_backend(batch, n, m):
     torch.testing.assert_close(W, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
 
 
+def test_empty_shapes_and_unbatched_input():
+    for A, B in ((torch.zeros(0, 4, 4), torch.zeros(0, 4, 2)), (torch.eye(4), torch.zeros(4, 0))):
+        W = ridge_solve(A, B, 0.1, backend="triton")
+        assert W.shape == B.shape and W.dtype == torch.float64
+    A = _spd(1, 10, 1e2)[0]
+    B = torch.randn(10, 3)
+    torch.testing.assert_close(
+        ridge_solve(A, B, 0.1, backend="triton"), ridge_solve(A, B, 0.1, backend="torch")
+    )
+
+
 @pytest.mark.parametrize(
     "A,B,lam,exc,match",
     [

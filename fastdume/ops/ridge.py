@@ -119,6 +119,8 @@ def ridge_solve_triton(A, B, lam, refine=True, config=None):
     """fp32 blocked Cholesky (Triton) + float64 iterative refinement; see the module docstring."""
     kern = _backend.kernels("cholesky", A.device)
     batch_shape, n, m = A.shape[:-2], A.shape[-1], B.shape[-1]
+    if A.numel() == 0 or B.numel() == 0:  # nothing to factor or no right-hand side
+        return torch.zeros(B.shape, dtype=torch.float64, device=B.device)
     M = A.to(torch.float64).reshape(-1, n, n)
     B64 = B.to(torch.float64).reshape(-1, n, m)
     lam_t = torch.as_tensor(lam, dtype=torch.float64, device=A.device)
