@@ -2,6 +2,7 @@
 streaming memory, compatibility checks before any work, the `fastdume upcycle` command."""
 
 import json
+import sys
 import weakref
 
 import pytest
@@ -82,6 +83,24 @@ def test_expert_slices_and_objects_equal_directories(llama_dirs):
             assert torch.equal(moe.experts.gate_up_proj[e, :inter], mlp.gate_proj.weight)
             assert torch.equal(moe.experts.gate_up_proj[e, inter:], mlp.up_proj.weight)
             assert torch.equal(moe.experts.down_proj[e], mlp.down_proj.weight)
+
+
+def test_every_value_is_written(llama_dirs, monkeypatch):
+    """The result's storage starts uninitialised: poison it, nothing may survive the merge."""
+    module = sys.modules["fastdume.upcycle"]
+    empty = module._empty_model
+
+    def poisoned(*args):
+        model = empty(*args)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(module, "_empty_model", poisoned)
+    models, paths = llama_dirs
+    model = fastdume.upcycle(paths)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_single_expert_is_the_dense_model(llama_dirs):
