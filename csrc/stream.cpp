@@ -53,10 +53,44 @@ struct BF16 {
     p[i] = (u & 0x7fffffffu) > 0x7f800000u ? nan : rne;
   }
 };
+// IEEE half <-> float with integer and fp32 arithmetic only, so loops over it vectorise
+// (GCC does not vectorise _Float16 conversions without AVX-512 FP16). Exact, round to nearest
+// even, subnormals, Inf and NaN included: the same bits as torch's conversions.
 struct F16 {
-  using T = _Float16;
-  static inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
-  static inline void store(T* p, int64_t i, float v) { p[i] = static_cast<_Float16>(v); }
+  using T = uint16_t;
+  static inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  }
+  static inline float load(const T* p, int64_t i) {
+    const uint32_t h = p[i];
+    const uint32_t sign = (h & 0x8000u) << 16, em = h & 0x7fffu;
+    // shifting exponent+mantissa into place and scaling by 2^112 rebias normals and
+    // subnormals alike; exponent 31 (Inf/NaN) maps to 255 instead
+    const float scaled = bits_to_float(em << 13) * 0x1p112f;
+    const uint32_t special = (em << 13) | 0x7f800000u;
+    const uint32_t u = em >= 0x7c00u ? special : float_to_bits(scaled);
+    return bits_to_float(u | sign);
+  }
+  static inline void store(T* p, int64_t i, float v) {
+    uint32_t f = float_to_bits(v);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    // overflow (>= 2^16) and Inf/NaN
+    const uint32_t big = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    // results that are half subnormals: let an fp32 add with 0.5 do the rounding
+    const uint32_t sub = float_to_bits(bits_to_float(f) + 0.5f) - 0x3f000000u;
+    // normals: rebias the exponent, add the rounding bias (ties to even) and truncate
+    const uint32_t norm = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;
+    const uint32_t h = f >= 0x47800000u ? big : (f < 0x38800000u ? sub : norm);
+    p[i] = static_cast<uint16_t>(h | (sign >> 16));
+  }
 };
 
 template <class Tr>

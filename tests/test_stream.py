@@ -241,3 +241,23 @@ def test_pack_into_caller_buffer_matches():
     assert p2.data_ptr() == buf.data_ptr() and torch.equal(p2, p) and torch.equal(h2, h)
     with pytest.raises(ValueError, match=f"out must be a CPU uint8 buffer of >= {need} bytes"):
         stream.pack(x, step=2, micro_batch=1, stage=0, compress="int8", block=16, out=buf[:10])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conversions_exact_for_every_bit_pattern(dtype):
+    # block 1: each scale is |x| / 127 of one element, so it exposes the loaded value exactly
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    codes, scales = stream.quantize(x, 1, backend="cpp")
+    rc, rs = stream.quantize_reference(x, 1)
+    assert torch.equal(codes, rc) and torch.equal(scales, rs)
+    # code 1 with scale v decodes to exactly v, rounded to dtype: the store conversion
+    v = torch.cat([
+        torch.tensor([float("nan"), float("inf"), -float("inf"), 65520.0, 65519.99, 3.4e38,
+                      -0.0, 1e-8, 2.98e-8, 2.9802322e-8, 5.96e-8, 6.1e-5, 6.1035156e-05]),
+        torch.randn(20000) * 2.0 ** torch.randint(-30, 17, (20000,)).float(),
+    ])  # fmt: skip
+    ones = torch.ones(v.numel(), dtype=torch.int8)
+    out = stream.dequantize(ones, v, v.shape, dtype, 1, backend="cpp")
+    ref = v.to(dtype)
+    same = out.view(torch.int16) == ref.view(torch.int16)
+    assert torch.all(same | (torch.isnan(out) & torch.isnan(ref)))
