@@ -1,6 +1,30 @@
 """Decentralised pipeline-parallel post-training: stages in separate processes over
-torch.distributed, activations streamed through fastdume.ops.stream."""
+torch.distributed, activations and gradients streamed through fastdume.ops.stream.
+
+    from fastdume.pipeline import PipelineConfig, launch
+    summary = launch(PipelineConfig(model="base/", data="sft.jsonl", out="run/", stages=4,
+                                    replicas=2, micro_batches=8, steps=100, compress="int8"))
+    summary["losses"], summary["model_dir"]
+
+The command line face is `fastdume pipeline-train` (fastdume/commands/pipeline_train.py, which
+also documents the torchrun form for several machines). Hooks: fastdume.pipeline.hooks.
+"""
 
 from fastdume.pipeline.hooks import StageContext, StageHook, load_hooks
 
-__all__ = ["StageContext", "StageHook", "load_hooks"]
+_LAZY = {
+    "launch": "fastdume.pipeline.launch",
+    "PipelineError": "fastdume.pipeline.launch",
+    "PipelineConfig": "fastdume.pipeline.runtime",
+    "PeerError": "fastdume.pipeline.transport",
+}
+
+__all__ = ["StageContext", "StageHook", "load_hooks", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastdume.pipeline' has no attribute {name!r}")
