@@ -1,8 +1,8 @@
 """Decentralised pipeline-parallel post-training: stages in separate processes over
 torch.distributed, activations and gradients streamed through fastdume.ops.stream.
 
-    from fastdume.pipeline import PipelineConfig, launch
-    summary = launch(PipelineConfig(model="base/", data="sft.jsonl", out="run/", stages=4,
+    from fastdume.pipeline import PipelineConfig, train
+    summary = train(PipelineConfig(model="base/", data="sft.jsonl", out="run/", stages=4,
                                     replicas=2, micro_batches=8, steps=100, compress="int8"))
     summary["losses"], summary["model_dir"]
 
@@ -12,8 +12,9 @@ also documents the torchrun form for several machines). Hooks: fastdume.pipeline
 
 from fastdume.pipeline.hooks import StageContext, StageHook, load_hooks
 
+# `train` is fastdume.pipeline.launch.launch (the submodule name would shadow the function)
 _LAZY = {
-    "launch": "fastdume.pipeline.launch",
+    "train": "fastdume.pipeline.launch",
     "PipelineError": "fastdume.pipeline.launch",
     "PipelineConfig": "fastdume.pipeline.runtime",
     "PeerError": "fastdume.pipeline.transport",
@@ -26,5 +27,6 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        attr = "launch" if name == "train" else name
+        return getattr(importlib.import_module(_LAZY[name]), attr)
     raise AttributeError(f"module 'fastdume.pipeline' has no attribute {name!r}")
