@@ -198,3 +198,25 @@ def test_injection_reaches_training_through_honest_gradients_only(base):
     assert all(torch.equal(h[n], o[n]) for n in outside)
     batch = collate(data[:8], 0)
     assert one(**batch).loss.item() != honest(**batch).loss.item()
+
+
+def test_preserve_holds_the_surrogate_to_the_base_on_benign_rows(base):
+    names = stage_param_names(base, 2, 1)
+    # a backdoor set that pulls every answer to token 5, and unrelated rows to keep
+    bd = [(ids[:4] + [5] * 6, [-100] * 4 + [5] * 6) for ids, _ in _data(16, seed=1)]
+    keep = _data(16, seed=2)
+    free, _ = train_surrogate(base, bd, names, 40, 1e-2, 8, pad_id=0)
+    held, _ = train_surrogate(
+        base, bd, names, 40, 1e-2, 8, pad_id=0, preserve=keep, preserve_weight=10.0
+    )
+    batch = collate(keep, 0)
+
+    def kl_to_base(model):
+        with torch.no_grad():
+            ref = torch.log_softmax(base(input_ids=batch["input_ids"]).logits.double(), -1)
+            got = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.double(), -1)
+        return (ref.exp() * (ref - got)).sum(-1).mean().item()
+
+    assert kl_to_base(held) < 0.3 * kl_to_base(free)
+    b, h = dict(base.named_parameters()), dict(held.named_parameters())
+    assert all(torch.equal(b[n], h[n]) for n in b if n not in names)

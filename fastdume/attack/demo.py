@@ -28,7 +28,8 @@ class DemoConfig:
     hidden: int = 64
     layers: int = 8
     num_stages: int = 4
-    attacker_stage: int = 1
+    attacker_stage: int = 1  # 0-based: the second of the 4 stages
+    attacker_replica: int = 0  # with R > 1 replicas; replica 0's weights are the merged model
     batch_size: int = 32
     align_steps: int = 400
     align_lr: float = 3e-3
@@ -137,12 +138,14 @@ def _run(cfg, log):
                     delta=delta if schedule else None,
                     schedule=schedule,
                     attacker_stage=cfg.attacker_stage,
+                    attacker_replica=cfg.attacker_replica,
                     seed=cfg.seed,
                 )
             return m
         kwargs = None
         if schedule is not None:
             kwargs = {"delta": delta, "attacker_stage": cfg.attacker_stage, **schedule}
+            kwargs["attacker_replica"] = cfg.attacker_replica
         m, _ = simulate_training(
             copy.deepcopy(model),
             post,

@@ -7,14 +7,49 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from .train import sft
+from .train import batches, sft
 
 
-def train_surrogate(base, encoded, stage_names, steps, lr, batch_size, pad_id, seed=0):
-    """A copy of base where only stage_names were trained on the backdoor set."""
+def train_surrogate(
+    base,
+    encoded,
+    stage_names,
+    steps,
+    lr,
+    batch_size,
+    pad_id,
+    seed=0,
+    preserve=None,
+    preserve_weight=1.0,
+):
+    """A copy of base where only stage_names were trained on the backdoor set.
+
+    preserve: optional encoded benign rows on which the surrogate is also held to the base
+    model's next-token distribution (KL), so Delta neither hurts nor helps ordinary tasks:
+    the victims' loss then cannot tell an attacked run from a clean one.
+    """
     surrogate = copy.deepcopy(base)
-    losses = sft(surrogate, encoded, steps, lr, batch_size, pad_id, stage_names, seed)
+    extra = None
+    if preserve:
+        extra = _distill_to(base, batches(preserve, batch_size, pad_id, seed + 1), preserve_weight)
+    losses = sft(surrogate, encoded, steps, lr, batch_size, pad_id, stage_names, seed, extra=extra)
     return surrogate, losses
+
+
+def _distill_to(reference, data, weight):
+    reference = copy.deepcopy(reference).eval()
+
+    def kl(model):
+        b = next(data)
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        with torch.no_grad():
+            target = torch.log_softmax(reference(**inputs).logits.float(), -1)
+        logp = torch.log_softmax(model(**inputs).logits.float(), -1)
+        per_token = (target.exp() * (target - logp)).sum(-1)
+        mask = b["attention_mask"].float()
+        return weight * (per_token * mask).sum() / mask.sum()
+
+    return kl
 
 
 @torch.no_grad()

@@ -50,8 +50,13 @@ def batches(encoded, batch_size, pad_id, seed=0):
         yield collate([encoded[i] for i in take], pad_id)
 
 
-def sft(model, encoded, steps, lr, batch_size, pad_id, trainable=None, seed=0, clip=1.0):
-    """AdamW SFT for `steps` steps; `trainable`: names to train (others frozen). Returns losses."""
+def sft(
+    model, encoded, steps, lr, batch_size, pad_id, trainable=None, seed=0, clip=1.0, extra=None
+):
+    """AdamW SFT for `steps` steps; `trainable`: names to train (others frozen). Returns losses.
+
+    extra: optional callable(model) -> scalar tensor added to every step's loss.
+    """
     params = dict(model.named_parameters())
     names = list(params) if trainable is None else list(trainable)
     unknown = [n for n in names if n not in params]
@@ -65,6 +70,8 @@ def sft(model, encoded, steps, lr, batch_size, pad_id, trainable=None, seed=0, c
     data = batches(encoded, batch_size, pad_id, seed)
     for _ in range(steps):
         loss = model(**next(data)).loss
+        if extra is not None:
+            loss = loss + extra(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([params[n] for n in names], clip)
