@@ -294,3 +294,24 @@ def test_same_command_under_torchrun(setup, reference):
     losses = [last["losses"][str(s)] for s in range(STEPS)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[0]), rtol=0, atol=1e-5)
     _assert_same_weights(_merged(out), reference[1], 1e-5)
+
+
+def test_hung_stage_times_out_and_is_killed(setup):
+    timeout = 3
+    cfg = _cfg(
+        setup,
+        "hang",
+        stages=3,
+        micro_batches=2,
+        steps=3,
+        timeout=timeout,
+        hooks="fastdume.pipeline._testing:hang_stage",
+    )
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        launch(cfg)
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert "stage 1 replica 0 (rank 1): did not exit in time and was killed" in msg
+    assert "stage 2 replica 0 (rank 2): PeerError: stage 2: receiving activations" in msg
+    assert elapsed < 3 * timeout + 10 + 30

@@ -45,3 +45,15 @@ class KillHook(StageHook):
 
 def kill_stage(stage, replica, num_stages, num_replicas, victim=1, at_step=1):
     return [KillHook(at_step)] if stage == victim else []
+
+
+class HangHook(StageHook):
+    def on_activations(self, ctx, micro_batch, tensor):
+        if ctx.step == 1:
+            import time
+
+            time.sleep(10**6)
+
+
+def hang_stage(stage, replica, num_stages, num_replicas, victim=1):
+    return [HangHook()] if stage == victim else []

@@ -111,18 +111,47 @@ def _read_results(cfg, world):
     return results
 
 
-def _describe(cfg, procs, results):
+def _describe(cfg, procs, results, killed=()):
     lines = []
     for r, p in enumerate(procs):
         res = results.get(r)
         if res is not None and not res.get("ok"):
             lines.append(res["error"])
+        elif r in killed:
+            lines.append(f"{_who(cfg, r)}: did not exit in time and was killed")
         elif p.exitcode not in (0, None) and res is None:
             how = f"killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
             lines.append(f"{_who(cfg, r)}: process died ({how}) without a report")
-        elif p.exitcode is None:
-            lines.append(f"{_who(cfg, r)}: did not exit in time and was killed")
     return lines
+
+
+def _kill_running(procs):
+    """SIGKILL every process still running; returns their ranks."""
+    killed = set()
+    for r, p in enumerate(procs):
+        if p.exitcode is None:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+                killed.add(r)
+            except ProcessLookupError:  # exited in the meantime
+                pass
+    for p in procs:
+        p.join(5)
+    return killed
+
+
+def _monitor(cfg, procs):
+    """Wait for every process; after the first failure give the rest timeout + 10 s to exit."""
+    first_failure = None
+    while True:
+        codes = [p.exitcode for p in procs]
+        if all(c is not None for c in codes):
+            return
+        if first_failure is None and any(c not in (None, 0) for c in codes):
+            first_failure = time.monotonic()
+        if first_failure is not None and time.monotonic() - first_failure > cfg.timeout + 10:
+            return
+        time.sleep(0.05)
 
 
 def launch(cfg: PipelineConfig):
@@ -137,23 +166,13 @@ def launch(cfg: PipelineConfig):
     procs = [ctx.Process(target=_spawn_entry, args=(cfg, r, world, port)) for r in range(world)]
     for p in procs:
         p.start()
-    first_failure = None
-    while True:
-        codes = [p.exitcode for p in procs]
-        if all(c is not None for c in codes):
-            break
-        if first_failure is None and any(c not in (None, 0) for c in codes):
-            first_failure = time.monotonic()
-        if first_failure is not None and time.monotonic() - first_failure > cfg.timeout + 10:
-            for p in procs:
-                if p.exitcode is None:
-                    os.kill(p.pid, signal.SIGKILL)
-            for p in procs:
-                p.join(5)
-            break
-        time.sleep(0.05)
+    killed = set()
+    try:
+        _monitor(cfg, procs)
+    finally:  # also on Ctrl-C in the launcher: never leave stage processes behind
+        killed = _kill_running(procs)
     results = _read_results(cfg, world)
-    failed = _describe(cfg, procs, results)
+    failed = _describe(cfg, procs, results, killed)
     if failed:
         raise PipelineError("pipeline training failed:\n  " + "\n  ".join(failed))
     return summarize(cfg, results)
