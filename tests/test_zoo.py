@@ -21,12 +21,6 @@ MICRO = dict(
 TEST_GAIN = 0.15
 
 
-@pytest.fixture(scope="session")
-def test_zoo():
-    # tests/conftest.py provides the same fixture; this copy keeps the file self-contained.
-    return build_zoo("test")
-
-
 def _weights(path):
     return load_file(str(path / "model.safetensors"))
 

@@ -1,4 +1,4 @@
-"""Maintainer script: collect the offline corpus shipped in fastdume/data/corpus/.
+"""Maintainer script: collect the offline corpus shipped in fastdume/data/texts/.
 
 Run once on a Debian machine with CPython installed (`python -m fastdume.data.build_corpus`);
 users never run it, they get the compressed result with the package. Sources and their licences
@@ -22,7 +22,7 @@ from pathlib import Path
 from fastdume.data import mathgen
 
 HERE = Path(__file__).resolve().parent
-CORPUS_DIR = HERE / "corpus"
+CORPUS_DIR = HERE / "texts"  # a package (has __init__.py), so setuptools ships its files
 TARGET_CHARS = 1_100_000  # per domain: ~300k tokens, enough for the tiny zoo, small to ship
 DOC_CHARS = (400, 2400)  # documents are grouped paragraphs/definitions within this size range
 

@@ -72,6 +72,8 @@ def save(tok: Tokenizer, out: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # A package, so that setuptools ships its files as package data.
+    (tmp / "__init__.py").write_text('"""Shipped tokenizer files (package data)."""\n')
     tmp.chmod(0o755)  # mkdtemp makes it private; the package data must be world-readable
     if out.exists():
         shutil.rmtree(out)

@@ -8,7 +8,7 @@ import json
 import lzma
 from pathlib import Path
 
-CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parent / "texts"
 SPLITS = ("train", "validation", "test")
 HELD_OUT_FRACTION = 0.05  # of each domain's documents, for validation and again for test
 

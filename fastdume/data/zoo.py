@@ -112,7 +112,7 @@ def _save_atomic(model, tokenizer_dir: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
         model.save_pretrained(tmp)
-        for f in tokenizer_dir.iterdir():
+        for f in tokenizer_dir.glob("*.json"):
             shutil.copy2(f, tmp / f.name)
         tmp.chmod(0o755)
         try:
@@ -211,7 +211,7 @@ def build_zoo(preset: str = "test", cache_dir: str | os.PathLike | None = None, 
 def _save_tokenizer(dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tokenizer-"))
-    for f in TOKENIZER_DIR.iterdir():
+    for f in TOKENIZER_DIR.glob("*.json"):
         shutil.copy2(f, tmp / f.name)
     tmp.chmod(0o755)
     try:

@@ -1,0 +1,1 @@
+"""Shipped corpus files (package data; see ../LICENSES.md)."""

@@ -1,0 +1,1 @@
+"""Shipped tokenizer files (package data)."""
