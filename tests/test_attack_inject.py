@@ -123,6 +123,8 @@ def test_factory_only_arms_the_attacker(tmp_path):
     armed = [(s, r) for s in range(4) for r in range(2) if make_hooks(s, r, 4, 2, **kw)]
     assert armed == [(2, 0)]
     assert make_hooks(2, 1, 4, 2, attacker_replica=1, **kw)[0].schedule.mode == "oneshot"
+    with pytest.raises(ValueError, match="attacker_replica"):
+        make_hooks(2, 0, 4, 2, attacker_replica=2, **kw)
     with pytest.raises(ValueError, match="attacker_stage"):
         make_hooks(0, 0, 4, 1, delta={}, attacker_stage=0)
 

@@ -109,6 +109,10 @@ def make_hooks(
             f"attacker_stage must be an intermediate stage in 1..{num_stages - 2}, "
             f"got {attacker_stage}"
         )
+    if not 0 <= attacker_replica < num_replicas:
+        raise ValueError(
+            f"attacker_replica must be in 0..{num_replicas - 1}, got {attacker_replica}"
+        )
     if stage != attacker_stage or replica != attacker_replica:
         return []
     tensors = delta if isinstance(delta, dict) else load_delta(delta)

@@ -36,6 +36,12 @@ def add_demo_args(p):
     )
     p.add_argument("--attacker-stage", type=int, default=1, help="0-based, of 4 (default 1)")
     p.add_argument("--replicas", default=None, help="comma-separated R values (default 2,4)")
+    p.add_argument(
+        "--attacker-replica",
+        type=int,
+        default=0,
+        help="which replica of the stage attacks when R > 1 (0 = the one merged at the end)",
+    )
     p.add_argument("--cache-dir", help="keep the aligned model here and reuse it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
@@ -46,6 +52,7 @@ def config_from_args(args):
 
     kw = dict(QUICK) if args.quick else {}
     kw.update(engine=args.engine, attacker_stage=args.attacker_stage, seed=args.seed)
+    kw["attacker_replica"] = args.attacker_replica
     kw["cache_dir"] = args.cache_dir
     if args.replicas is not None:
         kw["replicas"] = tuple(int(r) for r in args.replicas.split(",") if r.strip())
