@@ -1,0 +1,155 @@
+"""fastdume.moe.fused_moe speed, with its baselines measured in the same run.
+
+CPU (2/9 target): E 5, k 1, H 768, I 3072, T 2048, bf16 and fp32 on the torch path, against the
+reference's dense loop over all experts and against one dense MLP on the same tokens; target
+fused_moe <= 1.15x the dense MLP. Plus the CLM shape at small T.
+GPU (3/9, marked `gpu`): the issue's shapes and T in {1, 16, 128, 1024, 4096} on the Triton path
+against the torch path, transformers' grouped_mm experts implementation and the dense loop;
+extra_info has time, TB/s (bytes of the distinct active experts' weights / time) and TFLOP/s.
+Backward on the Triton path is torch ops (fastdume/ops/moe_triton.py), not kernels: these benches
+time the forward only.
+
+Smoke run (--benchmark-disable): the CPU target at T 64, small batches up to T 16, one
+repetition each.
+"""
+
+import functools
+import time
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.integrations.moe import grouped_mm_experts_forward
+
+from fastdume.ops import moe
+
+CLM = (5, 768, 3072)  # E, H, I of the paper's CLM experts
+GPU_SHAPES = {"clm_k1": (5, 768, 3072, 1), "llama3b_k1": (4, 3072, 8192, 1),
+              "llama3b_k2": (4, 3072, 8192, 2), "mixtral_k2": (8, 4096, 14336, 2)}  # fmt: skip
+
+
+def make(num_tokens, num_experts, hidden, inter, dtype, device="cpu"):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(num_tokens, hidden, generator=g).to(device, dtype)
+    return (x, *make_weights(num_experts, hidden, inter, dtype, device))
+
+
+@functools.cache
+def make_weights(num_experts, hidden, inter, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    router_w = torch.randn(num_experts, hidden, generator=g).to(device)
+    router_b = torch.randn(num_experts, generator=g).to(device)
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5).to(
+        device, dtype
+    )
+    down = (torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5).to(device, dtype)
+    return router_w, router_b, gate_up, down
+
+
+def dense_mlp(x, gate_up, down):
+    """One dense SwiGLU MLP (expert 0's weights) on every token: the cost floor of k = 1."""
+    gate, up = (x @ gate_up.T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down.T
+
+
+def dense_loop(x, router_w, router_b, gate_up, down, top_k):
+    """The reference forward: every expert on every token, times a mostly-zero weight."""
+    weights, ids = moe.route_torch(x, router_w, router_b, top_k, 1.0)
+    full = torch.zeros(x.shape[0], gate_up.shape[0], device=x.device)
+    full.scatter_(1, ids, weights)
+    out = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    for e in range(gate_up.shape[0]):
+        out += full[:, e : e + 1] * dense_mlp(x, gate_up[e], down[e]).float()
+    return out.to(x.dtype)
+
+
+def hf_grouped_mm(x, router_w, router_b, gate_up, down, top_k):
+    weights, ids = moe.route_torch(x, router_w, router_b, top_k, 1.0)
+    experts = types.SimpleNamespace(
+        num_experts=gate_up.shape[0], has_gate=True, has_bias=False, is_transposed=False,
+        has_post_expert_norm=False, _is_expert_parallel=False, gate_up_proj=gate_up,
+        down_proj=down, _apply_gate=lambda gu: F.silu(gu.chunk(2, -1)[0]) * gu.chunk(2, -1)[1],
+    )  # fmt: skip
+    return grouped_mm_experts_forward(experts, x, ids, weights.to(x.dtype))
+
+
+def seconds(fn, repeat, sync=lambda: None):
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cpu_moe_vs_dense_mlp(benchmark, dtype):
+    """2/9 target on the CPU: fused_moe (torch path) <= 1.15x one dense MLP, E 5, k 1."""
+    num_tokens = 64 if benchmark.disabled else 2048
+    repeat = 1 if benchmark.disabled else 3
+    x, rw, rb, gu, dn = make(num_tokens, *CLM, dtype)
+    run = lambda: moe.fused_moe(x, rw, rb, gu, dn, top_k=1, backend="torch")
+    out = benchmark(run)
+    want = dense_loop(x, rw, rb, gu, dn, 1)
+    torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=3e-2)
+    t_moe = seconds(run, repeat)
+    t_mlp = seconds(lambda: dense_mlp(x, gu[0], dn[0]), repeat)
+    t_loop = seconds(lambda: dense_loop(x, rw, rb, gu, dn, 1), 1)
+    benchmark.extra_info.update(
+        tokens=num_tokens, fused_moe_ms=t_moe * 1e3, dense_mlp_ms=t_mlp * 1e3,
+        dense_loop_ms=t_loop * 1e3, ratio_vs_dense_mlp=t_moe / t_mlp,
+        speedup_vs_dense_loop=t_loop / t_moe, target_ratio_vs_dense_mlp=1.15,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 128])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cpu_small_batches(benchmark, num_tokens, top_k):
+    """The CLM shape at decode-like T on the torch path, vs the dense loop (bf16)."""
+    if benchmark.disabled and num_tokens > 16:
+        pytest.skip("smoke run: T 128 only in timed runs")
+    x, rw, rb, gu, dn = make(num_tokens, *CLM, torch.bfloat16)
+    run = lambda: moe.fused_moe(x, rw, rb, gu, dn, top_k=top_k, backend="torch")
+    benchmark(run)
+    repeat = 1 if benchmark.disabled else 5
+    t_moe = seconds(run, repeat)
+    t_loop = seconds(lambda: dense_loop(x, rw, rb, gu, dn, top_k), repeat)
+    benchmark.extra_info.update(
+        fused_moe_ms=t_moe * 1e3, dense_loop_ms=t_loop * 1e3, speedup_vs_dense_loop=t_loop / t_moe
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 128, 1024, 4096])
+@pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
+def test_gpu_fused_moe(benchmark, shape, num_tokens):
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    x, rw, rb, gu, dn = make(num_tokens, num_experts, hidden, inter, torch.bfloat16, "cuda")
+    sync = torch.cuda.synchronize
+    run = lambda: moe.fused_moe(x, rw, rb, gu, dn, top_k=top_k, backend="triton")
+    benchmark.pedantic(run, setup=sync, rounds=20, warmup_rounds=3)
+    _, ids = moe.route(x, rw, rb, top_k)
+    active = torch.unique(ids).numel()
+    weight_bytes = active * 3 * hidden * inter * x.element_size()
+    flops = 2 * num_tokens * top_k * 3 * hidden * inter
+    t = seconds(run, 20, sync)
+    base = {
+        "torch_path": lambda: moe.fused_moe(x, rw, rb, gu, dn, top_k=top_k, backend="torch"),
+        "hf_grouped_mm": lambda: hf_grouped_mm(x, rw, rb, gu, dn, top_k),
+    }
+    if num_tokens <= 1024:
+        base["dense_loop"] = lambda: dense_loop(x, rw, rb, gu, dn, top_k)
+    times = {name: seconds(fn, 5, sync) for name, fn in base.items()}
+    # A dense bf16 GEMM with the same FLOPs: [T*k, H] x [H, 3I].
+    a = torch.randn(num_tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(hidden, 3 * inter, device="cuda", dtype=torch.bfloat16)
+    t_gemm = seconds(lambda: a @ b, 20, sync)
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(), fused_moe_us=t * 1e6,
+        tb_per_s=weight_bytes / t / 1e12, tflop_per_s=flops / t / 1e12,
+        bandwidth_floor_share=weight_bytes / 3.0e12 / t, dense_gemm_share=t_gemm / t,
+        **{f"{k}_us": v * 1e6 for k, v in times.items()},
+        **{f"speedup_vs_{k}": v / t for k, v in times.items()},
+    )  # fmt: skip
