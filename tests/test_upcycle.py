@@ -309,3 +309,30 @@ def test_cli_upcycle_writes_a_loadable_model_and_json(llama_dirs, tmp_path, caps
     assert main(["upcycle", *args]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_upcycle_the_test_zoo_and_its_tokenizer(test_zoo, tmp_path):
+    """Real trained experts (fully fine-tuned from one base): oracle routing to expert d is the
+    base model carrying d's MLPs, on real tokens of domain d."""
+    from fastdume.cli import main
+    from fastdume.data import batches, load_tokenizer
+
+    out = tmp_path / "dume"
+    experts = [str(test_zoo.experts[d]) for d in test_zoo.domains]
+    assert main(["upcycle", *experts, "--out", str(out), "--shared", f"base:{test_zoo.base}"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.domains == list(test_zoo.domains)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.get_vocab() == load_tokenizer().get_vocab()
+
+    domain = test_zoo.domains[1]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(test_zoo.base).eval()
+    expert = transformers.AutoModelForCausalLM.from_pretrained(test_zoo.experts[domain])
+    reference.load_state_dict(
+        {k: v for k, v in expert.state_dict().items() if ".mlp." in k}, strict=False
+    )
+    batch = next(iter(batches(tokenizer, domain, "validation", seq_len=32, batch_size=2)))
+    with torch.no_grad(), forced_expert(model, domain):
+        got = model(**batch).logits
+        expected = reference(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
