@@ -330,6 +330,27 @@ def test_configs_shipped_and_default():
         moe_configs.validate({"gemm1": {}, "gemm2": {}}, "test")
 
 
+def test_autotune_cache(tmp_path):
+    """The autotuner keeps the fastest candidate per key on disk and reuses it."""
+    from fastdume.ops import moe_configs
+
+    configs = moe_configs.candidates()
+    assert len(configs) >= 3
+    cost = {id(c): i for i, c in enumerate(reversed(configs))}  # the last one is fastest
+    path = tmp_path / "tune.json"
+    best = moe_configs.tuned_config("k1", configs, lambda c: cost[id(c)], path)
+    assert best == configs[-1]
+
+    def must_not_run(config):
+        raise AssertionError("cached key was re-measured")
+
+    assert moe_configs.tuned_config("k1", configs, must_not_run, path) == configs[-1]
+    assert moe_configs.tuned_config("k2", configs, lambda c: -cost[id(c)], path) == configs[0]
+    path.write_text("{not json")  # a corrupt cache is ignored and rewritten
+    assert moe_configs.tuned_config("k1", configs, lambda c: cost[id(c)], path) == configs[-1]
+    assert moe_configs.token_bucket(1) == 1 and moe_configs.token_bucket(100) == 128
+
+
 @pytest.mark.gpu
 def test_gpu_batch_invariance_and_bf16():
     torch.manual_seed(8)
@@ -342,3 +363,21 @@ def test_gpu_batch_invariance_and_bf16():
     assert torch.equal(full[100:180], part)  # 80 and 300 tokens share a config bucket
     want = moe.fused_moe(x, weight, bias, gate_up, down, top_k=2, backend="torch")
     torch.testing.assert_close(full, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_decode():
+    torch.manual_seed(9)
+    dev = torch.device("cuda")
+    x = torch.randn(4, 512, device=dev, dtype=torch.bfloat16)
+    weight, bias = (t.to(dev) for t in make_router(4, 512, "uniform"))
+    gate_up, down = (t.to(dev) for t in make_experts(4, 512, 768, torch.bfloat16))
+    run = lambda: moe.fused_moe(x, weight, bias, gate_up, down, top_k=2)
+    eager = run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(captured, run())
+    assert not torch.equal(captured, eager)

@@ -66,7 +66,9 @@ def _check_experts(x, topk_ids, gate_up_proj, down_proj):
             raise ValueError(f"{name} has dtype {t.dtype} but hidden_states has {x.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    if topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
+    # The range check reads the ids on the host; skip it while a CUDA graph is being captured.
+    capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+    if topk_ids.numel() and not capturing and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
         raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}")
 
 

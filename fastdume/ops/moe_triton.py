@@ -13,15 +13,25 @@ import torch.nn.functional as F
 from fastdume.ops import _backend, moe_configs
 
 
-def _config(hidden_states, gate_up_proj):
+def _config(kern, hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj):
     num_experts, two_i, hidden = gate_up_proj.shape
-    device = hidden_states.device
+    device, dtype, num_tokens = hidden_states.device, hidden_states.dtype, hidden_states.shape[0]
     if device.type != "cuda":
         return moe_configs.interpreter_config()
     name = moe_configs.device_name(device)
-    return moe_configs.get_config(
-        num_experts, hidden, two_i // 2, hidden_states.dtype, name, hidden_states.shape[0]
+    if not moe_configs.autotune_enabled():
+        return moe_configs.get_config(num_experts, hidden, two_i // 2, dtype, name, num_tokens)
+    import triton.testing
+
+    def measure(config):
+        args = (hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj, config)
+        return triton.testing.do_bench(lambda: kern.experts_forward(*args))
+
+    key = (
+        f"{name}|{moe_configs.shape_key(num_experts, hidden, two_i // 2, dtype)}"
+        f"|k={topk_ids.shape[1]}|T<={moe_configs.token_bucket(num_tokens)}"
     )
+    return moe_configs.tuned_config(key, moe_configs.candidates(), measure)
 
 
 @torch.library.custom_op("fastdume::moe_experts", mutates_args=())
@@ -35,7 +45,7 @@ def moe_experts_op(
     if hidden_states.shape[0] == 0:
         return hidden_states.new_empty(hidden_states.shape)
     kern = _backend.kernels("moe_grouped", hidden_states.device)
-    config = _config(hidden_states, gate_up_proj)
+    config = _config(kern, hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
     return kern.experts_forward(
         hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj, config
     )

@@ -5,12 +5,19 @@
 A config: {"BLOCK_M": .., "gemm1": {BLOCK_N, BLOCK_K, num_warps, num_stages}, "gemm2": {...}}.
 Within one bucket the result for a token does not depend on the rest of the batch; across buckets
 the tile shapes (and so the fp32 summation order) may differ.
+
+Autotuning (CUDA only, off by default): FASTDUME_MOE_AUTOTUNE=1 times every shipped config on
+the first call of each (device, shape, power-of-two token bucket) and keeps the fastest in
+$FASTDUME_CACHE/moe_autotune.json (default ~/.cache/fastdume), reused by later processes.
 """
 
 import functools
 import json
+import os
 import re
+import tempfile
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -86,3 +93,49 @@ def all_shipped():
             for i, bucket in enumerate(entry["buckets"]):
                 out.append((path.name, key, i, validate(bucket["config"], key)))
     return out
+
+
+def autotune_enabled():
+    return os.environ.get("FASTDUME_MOE_AUTOTUNE") == "1"
+
+
+def autotune_path():
+    root = os.environ.get("FASTDUME_CACHE") or Path.home() / ".cache" / "fastdume"
+    return Path(root) / "moe_autotune.json"
+
+
+def token_bucket(num_tokens):
+    return 1 << max(num_tokens - 1, 0).bit_length()
+
+
+def candidates():
+    """Distinct shipped configs: the autotuner's search space."""
+    seen = {}
+    for *_, config in all_shipped():
+        seen.setdefault(json.dumps(config, sort_keys=True), config)
+    return list(seen.values())
+
+
+def _read_cache(path):
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def tuned_config(key, configs, measure, path=None):
+    """The config with the smallest measure(config) for `key`, cached on disk under `key`."""
+    path = Path(path or autotune_path())
+    cached = _read_cache(path).get(key)
+    if cached is not None:
+        return validate(cached, key)
+    best = min(configs, key=measure)
+    data = _read_cache(path)  # re-read: another process may have added keys meanwhile
+    data[key] = best
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return best
