@@ -1,0 +1,49 @@
+"""Per-domain perplexity, routing accuracy per layer, tokens/s, and retention."""
+
+import math
+import time
+
+import torch
+
+from fastdume.commands.demo import _maybe_record
+from fastdume.data import token_nll
+
+
+def evaluate(model, batches_of, domains, split="test", routing=False):
+    """-> {"ppl": {domain: ppl}, "routing": {domain: [acc per layer]} | None, "tokens_per_s"}.
+
+    routing=True (DUME models only): share of each domain's tokens whose top-1 expert is the
+    domain's own, per layer. tokens_per_s counts unpadded tokens over forward time.
+    """
+    model.eval()
+    ppl, acc = {}, {} if routing else None
+    tokens, seconds = 0, 0.0
+    for e, d in enumerate(domains):
+        total, count = 0.0, 0
+        counts = [[0, 0] for _ in model.dume_layers()] if routing else None
+        with torch.no_grad(), _maybe_record(model, counts) as state:
+            for batch in batches_of(d, split):
+                if state is not None:
+                    state["mask"], state["expert"] = batch["attention_mask"].bool(), e
+                start = time.perf_counter()
+                nll, n = token_nll(model, batch)
+                seconds += time.perf_counter() - start
+                tokens += int(batch["attention_mask"].sum())
+                total, count = total + float(nll), count + n
+        if count == 0:
+            raise ValueError(f"the {split!r} batches of domain {d!r} hold no target tokens")
+        ppl[d] = math.exp(total / count)
+        if routing:
+            acc[d] = [hit / max(n, 1) for hit, n in counts]
+    return {"ppl": ppl, "routing": acc, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def retention(dense_own, ppl):
+    """dense expert's ppl on its own domain / method's ppl: per domain, mean and worst."""
+    per = {d: dense_own[d] / ppl[d] for d in dense_own}
+    return {"per_domain": per, "mean": sum(per.values()) / len(per), "worst": min(per.values())}
+
+
+def mean_nll(ppl):
+    """Mean over domains of log-perplexity: the selection score for tuned baselines."""
+    return sum(math.log(p) for p in ppl.values()) / len(ppl)
