@@ -45,6 +45,11 @@ def add_demo_args(p):
     p.add_argument("--cache-dir", help="keep the aligned model here and reuse it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
+    p.add_argument(
+        "--defend",
+        action="store_true",
+        help="measure the detectors of fastdume.defense against the injection instead (8/9)",
+    )
 
 
 def config_from_args(args):
@@ -60,6 +65,11 @@ def config_from_args(args):
 
 
 def run(args):
+    if getattr(args, "defend", False):
+        from fastdume.defense import run_defense_report
+
+        run_defense_report(quick=args.quick, attack_stage=args.attacker_stage, json_path=args.json)
+        return 0
     from fastdume.attack.demo import format_table, format_targets, run_demo, to_json
 
     report = run_demo(config_from_args(args), log=lambda s: print(s, file=sys.stderr))
