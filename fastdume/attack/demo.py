@@ -25,25 +25,32 @@ from .train import sft, stage_param_names
 
 @dataclass
 class DemoConfig:
+    # measured on a 2-core CPU; see the module's README for the numbers these settings give
     hidden: int = 64
-    layers: int = 8
+    layers: int = 4  # 4 stages of one layer each: the attacker holds layer 1
     num_stages: int = 4
     attacker_stage: int = 1  # 0-based: the second of the 4 stages
     attacker_replica: int = 0  # with R > 1 replicas; replica 0's weights are the merged model
     batch_size: int = 32
-    align_steps: int = 400
+    align_steps: int = 300
     align_lr: float = 3e-3
-    surrogate_steps: int = 200
-    surrogate_lr: float = 2e-3
+    surrogate_steps: int = 300
+    surrogate_lr: float = 5e-3
     # benign rows (own draw, not the victims' data) per backdoor row in the surrogate's set:
-    # they keep Delta from hurting the task, so post-training has nothing to repair
+    # they keep Delta from hurting the task, so post-training has less to repair
     surrogate_benign: float = 1.0
-    post_steps: int = 200
-    post_lr: float = 1e-3
-    oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 100})
-    iterative: dict = field(default_factory=lambda: {"scale": 0.1, "every": 10, "budget": 1.0})
+    # weight of a KL term holding the surrogate to the base model on those benign rows
+    # (0 = off): Delta then neither hurts nor helps the task (stealth), at some backdoor strength
+    surrogate_preserve: float = 0.0
+    post_steps: int = 150
+    post_lr: float = 1e-4
+    oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 75})
+    # ten injections of 0.1 x Delta in the second half, the last one close to the end
+    iterative: dict = field(
+        default_factory=lambda: {"scale": 0.1, "every": 10, "start": 50, "budget": 1.0}
+    )
     safety_steps: int = 30
-    safety_lr: float = 1e-3
+    safety_lr: float = 3e-4
     replicas: tuple = (2, 4)
     eval_prompts: int = 48
     trigger: str = DEFAULT_TRIGGER
@@ -109,10 +116,19 @@ def _run(cfg, log):
     # 2. the attacker's surrogate and Delta, on its own stage only
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
     bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
-    n_benign = int(cfg.surrogate_benign * len(bd))
-    bd += enc(arithmetic_tasks(n_benign, cfg.seed + 1000, "train")) if n_benign else []
+    own = enc(arithmetic_tasks(max(1, int(cfg.surrogate_benign * len(bd))), cfg.seed + 1000))
+    bd += own if cfg.surrogate_benign else []
     surrogate, _ = train_surrogate(
-        model, bd, names, cfg.surrogate_steps, cfg.surrogate_lr, cfg.batch_size, pid, cfg.seed
+        model,
+        bd,
+        names,
+        cfg.surrogate_steps,
+        cfg.surrogate_lr,
+        cfg.batch_size,
+        pid,
+        cfg.seed,
+        preserve=own if cfg.surrogate_preserve else None,
+        preserve_weight=cfg.surrogate_preserve,
     )
     delta = backdoor_delta(model, surrogate, names)
     results["surrogate"] = measure(surrogate)
