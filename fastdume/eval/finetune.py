@@ -123,7 +123,7 @@ def train_model(
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     finally:
         model.eval()
         for p in model.parameters():

@@ -1,0 +1,116 @@
+"""`fastdume eval --preset test --quick`: its numbers against independent recomputation."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+import fastdume
+from fastdume.cli import main
+
+ARGS = ["--quick", "--eval-batches", "1", "--stats-tokens", "1000", "--router-steps", "3",
+        "--full-steps", "1", "--no-progress", "--seed", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ev(test_zoo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["eval", "--preset", "test", *ARGS, "--json", str(tmp / "e.json"),
+                     "--plots", str(tmp / "plots")])  # fmt: skip
+    assert code == 0
+    return {**json.loads((tmp / "e.json").read_text()), "stdout": out.getvalue()}
+
+
+def _test_batches(zoo, domain):
+    from fastdume.data import batches, load_tokenizer
+
+    return batches(load_tokenizer(), domain, "test", zoo.config["seq_len"], 8, 1, seed=3)
+
+
+def _ppl(model, zoo, domain):
+    from fastdume.data import eval_perplexity
+
+    return eval_perplexity(model, _test_batches(zoo, domain))
+
+
+def test_methods_and_retention(ev, test_zoo):
+    domains = test_zoo.domains
+    expected = {"uniform averaging", "task arithmetic", "MoE oracle routing",
+                "MoE random routing", "DUME k=1", "DUME k=2", "DUME+", "BTX-style",
+                "DUME full FT"}  # fmt: skip
+    assert set(ev["methods"]) == expected
+    for name, m in ev["methods"].items():
+        for d in domains:
+            want = ev["cross"][d][d] / m["ppl"][d]
+            assert math.isclose(m["retention"]["per_domain"][d], want, rel_tol=1e-12), name
+        per = [m["retention"]["per_domain"][d] for d in domains]
+        assert math.isclose(m["retention"]["mean"], sum(per) / len(per), rel_tol=1e-12)
+        assert m["retention"]["worst"] == min(per)
+        assert m["tokens_per_s"] > 0
+    for name in ("DUME+", "BTX-style", "DUME full FT"):
+        assert ev["methods"][name]["weighting"] == "switch"
+        assert all(math.isfinite(x) for x in ev["curves"][name])
+    assert "| DUME+ [switch] |" in ev["stdout"]
+    assert "plots skipped: matplotlib not installed" in ev["stdout"] or "plots:" in ev["stdout"]
+
+
+def test_dense_and_dume_match_python_api(ev, test_zoo):
+    zoo = test_zoo
+    d0 = zoo.domains[0]
+    dense = transformers.AutoModelForCausalLM.from_pretrained(zoo.experts[d0])
+    for d in zoo.domains:
+        assert math.isclose(ev["cross"][d0][d], _ppl(dense, zoo, d), rel_tol=1e-5)
+
+    from fastdume.data import batches, load_tokenizer
+
+    model = fastdume.upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains)
+    stats = None
+    for d in zoo.domains:
+        train = batches(load_tokenizer(), d, "train", zoo.config["seq_len"], 8, seed=3)
+        stats = fastdume.collect_stats(model, d, train, max_tokens=1000, stats=stats,
+                                       progress=False)  # fmt: skip
+    fastdume.fit_router(model, stats)
+    d1 = zoo.domains[1]
+    assert math.isclose(ev["methods"]["DUME k=1"]["ppl"][d1], _ppl(model, zoo, d1), rel_tol=1e-4)
+    with fastdume.moe.forced_expert(model, 1):
+        oracle = _ppl(model, zoo, d1)
+    assert math.isclose(ev["methods"]["MoE oracle routing"]["ppl"][d1], oracle, rel_tol=1e-4)
+
+
+def test_routing_accuracy_dume_beats_random(ev, test_zoo):
+    def mean(name):
+        acc = ev["methods"][name]["routing"]
+        vals = [v for d in acc for v in acc[d]]
+        assert len(vals) == len(test_zoo.domains) * test_zoo.config["num_hidden_layers"]
+        assert all(0.0 <= v <= 1.0 for v in vals)
+        return sum(vals) / len(vals)
+
+    assert mean("DUME k=1") > mean("MoE random routing") + 0.2
+
+
+def test_task_arithmetic_alpha_is_the_validation_argmin(ev):
+    ta = ev["methods"]["task arithmetic"]
+    scores = {float(a): s for a, s in ta["validation_mean_log_ppl"].items()}
+    assert ta["alpha"] == min(scores, key=scores.get)
+
+
+def test_bad_flag_value_exits_2(capsys):
+    assert main(["eval", "--preset", "test", "--quick", "--router-steps", "0"]) == 2
+    assert "router_steps must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib(monkeypatch, tmp_path, ev):
+    import sys
+
+    from fastdume.eval.report import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot(ev, tmp_path / "p") == []
+    assert not (tmp_path / "p").exists()
+    torch.manual_seed(0)
