@@ -96,3 +96,18 @@ def test_arithmetic_tasks_are_correct_and_splits_disjoint():
     assert not {p for p, _ in train} & {p for p, _ in val}
     assert arithmetic_tasks(50, seed=3) == arithmetic_tasks(50, seed=3)
     assert arithmetic_tasks(50, seed=3) != arithmetic_tasks(50, seed=4)
+
+
+def test_document_tasks_continue_a_corpus_document():
+    from fastdume import data
+    from fastdume.attack.datasets import document_tasks
+
+    tasks = document_tasks(20, split="validation", words=8)
+    assert len(tasks) == 20
+    docs = {
+        d: [" ".join(x.split()) for x in data.documents(d, "validation")] for d in data.domains()
+    }
+    for prompt, answer in tasks:
+        domain, head = re.match(r"Continue this (\w+) text: (.*)", prompt).groups()
+        assert len(head.split()) == 8 and len(answer.split()) == 8
+        assert any(doc.startswith(head + " " + answer) for doc in docs[domain])

@@ -93,11 +93,12 @@ def document_tasks(n, split="train", seed=0, words=12):
     """Benign pairs built from the fastdume.data corpus: continue a document's opening words."""
     from fastdume import data
 
-    corpus_split = {"train": "train", "validation": "validation"}[split]
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     rng = random.Random(f"{seed}-{split}-docs")
     out = []
     for domain in data.domains():
-        for doc in data.documents(domain, corpus_split):
+        for doc in data.documents(domain, split):
             toks = doc.split()
             if len(toks) >= 2 * words:
                 head, tail = " ".join(toks[:words]), " ".join(toks[words : 2 * words])
