@@ -1,7 +1,8 @@
 """fastdume: training-free dynamic upcycling of dense experts into a Mixture-of-Experts.
 
-Importing the package registers the DUME architecture with transformers' Auto classes (through
-fastdume.moe); the DUME building functions are loaded on first use.
+Importing the package registers the DUME architecture with transformers' Auto classes and the
+"fastdume" experts implementation (both through fastdume.moe); the other DUME building functions
+are loaded on first use.
 """
 
 import importlib
@@ -15,7 +16,6 @@ from fastdume import moe  # noqa: E402  registers DUME with transformers' Auto c
 from fastdume.upcycle import upcycle  # noqa: E402, F401
 
 _LAZY = {
-    "upcycle": "fastdume.upcycle",
     "RouterStats": "fastdume.router",
     "collect_stats": "fastdume.router",
     "solve_router": "fastdume.router",
@@ -25,12 +25,10 @@ _LAZY = {
     "ridge_solve": "fastdume.ops.ridge",
 }
 
-__all__ = ["__version__", "moe", *_LAZY]
+__all__ = ["__version__", "moe", "upcycle", *_LAZY]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name == "moe":
-        return importlib.import_module("fastdume.moe")
     raise AttributeError(f"module 'fastdume' has no attribute {name!r}")

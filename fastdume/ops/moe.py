@@ -137,8 +137,9 @@ def experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj
         start += count
         gate, up = (hidden_states[rows // top_k] @ gate_up_proj[e].T).split(two_i // 2, dim=-1)
         per_slot[rows] = (F.silu(gate) * up) @ down_proj[e].T
-    # The k contributions are summed in slot order, in fp32: deterministic for any batch.
-    weighted = per_slot.view(num_tokens, top_k, per_slot.shape[1]).float()
+    # The k contributions are summed in slot order, in at least fp32: deterministic for any batch.
+    acc = torch.promote_types(per_slot.dtype, torch.float32)
+    weighted = per_slot.view(num_tokens, top_k, per_slot.shape[1]).to(acc)
     weighted = weighted * topk_weights.unsqueeze(-1)
     return weighted.sum(dim=1).to(hidden_states.dtype)
 
