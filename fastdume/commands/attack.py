@@ -7,10 +7,7 @@ success rate, the clean-loss change, and the same after safety SFT. The shipped 
 requests only and placeholder answers (no harmful content).
 """
 
-import json
-import os
 import sys
-import tempfile
 
 
 def add_parser(subparsers):
@@ -71,19 +68,11 @@ def run(args):
         run_defense_report(quick=args.quick, attack_stage=args.attacker_stage, json_path=args.json)
         return 0
     from fastdume.attack.demo import format_table, format_targets, run_demo, to_json
+    from fastdume.commands._common import write_json
 
     report = run_demo(config_from_args(args), log=lambda s: print(s, file=sys.stderr))
     print(format_table(report))
     print(format_targets(report))
     if args.json:
-        _write_json(args.json, to_json(report))
+        write_json(args.json, to_json(report))
     return 0
-
-
-def _write_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
