@@ -12,7 +12,7 @@ import transformers
 import fastdume
 from fastdume.cli import main
 
-ARGS = ["--quick", "--eval-batches", "1", "--stats-tokens", "1000", "--router-steps", "3",
+ARGS = ["--quick", "--eval-batches", "1", "--stats-tokens", "1000", "--router-steps", "4",
         "--full-steps", "1", "--no-progress", "--seed", "3"]  # fmt: skip
 
 
@@ -54,9 +54,14 @@ def test_methods_and_retention(ev, test_zoo):
         assert m["retention"]["worst"] == min(per)
         assert m["tokens_per_s"] > 0
     for name in ("DUME+", "BTX-style", "DUME full FT"):
-        assert ev["methods"][name]["weighting"] == "switch"
+        m = ev["methods"][name]
+        assert m["weighting"] == "st"
         assert all(math.isfinite(x) for x in ev["curves"][name])
-    assert "| DUME+ [switch] |" in ev["stdout"]
+        assert len(ev["curves"][name]) == m["steps"]
+        scores = m["selection"]["scores"]  # validation score at step 0 and each checkpoint
+        assert set(scores) == {"0", str(m["steps"] // 2), str(m["steps"])}
+        assert scores[str(m["selection"]["step"])] == min(scores.values())
+    assert "| DUME+ [st] |" in ev["stdout"]
     assert "plots skipped: matplotlib not installed" in ev["stdout"] or "plots:" in ev["stdout"]
 
 

@@ -35,7 +35,7 @@ def test_router_only_training_changes_only_routers(dume, test_zoo, weighting):
                              domains=test_zoo.domains)  # fmt: skip
     model.load_state_dict(dume.state_dict())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = train_model(model, _batches_of(test_zoo), test_zoo.domains, 3, 1e-2, "router",
+    losses, _ = train_model(model, _batches_of(test_zoo), test_zoo.domains, 3, 1e-2, "router",
                          weighting, progress=False)  # fmt: skip
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     routers = _router_names(model)

@@ -31,6 +31,7 @@ def add_parser(subparsers):
         ("--router-lr", float, "DUME+ / BTX-style learning rate"),
         ("--full-steps", int, "full fine-tuning steps"),
         ("--full-lr", float, "full fine-tuning learning rate"),
+        ("--checkpoints", int, "validation checkpoints per training run (best one kept)"),
     ):
         size.add_argument(flag, type=kind, help=what)
     abl = parser.add_argument_group("DUME router options and ablations (defaults = the paper)")
@@ -46,9 +47,10 @@ def add_parser(subparsers):
     abl.add_argument(
         "--weighting",
         choices=("switch", "st", "topk"),
-        default="switch",
-        help="router weighting while training: 'switch' (x full-softmax prob., "
-        "default), 'st' (straight-through), 'topk' (the model's; k=1: no grad)",
+        default="st",
+        help="router weighting while training: 'st' (straight-through, default: "
+        "inference forward, full-softmax gradient), 'switch' (x full-softmax prob.), "
+        "'topk' (the model's; k=1: no grad)",
     )
     abl.add_argument(
         "--ablations",
@@ -69,7 +71,7 @@ def config_from_args(args):
         ablations=args.ablations, progress=not args.no_progress,
     )  # fmt: skip
     for name in ("stats_tokens", "eval_batches", "batch_size", "router_steps", "router_lr",
-                 "full_steps", "full_lr"):  # fmt: skip
+                 "full_steps", "full_lr", "checkpoints"):  # fmt: skip
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return EvalConfig.quick(**kwargs) if args.quick else EvalConfig(**kwargs)

@@ -94,11 +94,16 @@ def train_model(
     weighting="switch",
     progress=True,
     desc="train",
+    score=None,
+    checkpoints=0,
 ):
     """AdamW with cosine decay on a round-robin mix of the domains' training data.
 
     which="router": only router weights and biases train (every other parameter is frozen);
-    which="all": every parameter. Returns the per-step training losses.
+    which="all": every parameter. Returns (per-step training losses, selection) where, with a
+    `score(model) -> float` (lower is better, e.g. validation NLL) and `checkpoints` > 0, the
+    model is scored before training and at that many evenly spaced steps, and the best scoring
+    weights are kept; selection = {"step": chosen step, "scores": {step: score}} (else None).
     """
     if which not in ("router", "all"):
         raise ValueError(f"which must be 'router' or 'all', got {which!r}")
@@ -114,18 +119,44 @@ def train_model(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     losses, data = [], _mixed(batches_of, domains)
-    model.train()
+    marks = {round(steps * (i + 1) / checkpoints) for i in range(checkpoints)} if score else set()
+    best = _Best(model, params, score, 0) if marks else None
     try:
         with router_weighting(model, weighting):
-            for _ in tqdm(range(steps), desc=desc, disable=not progress):
+            for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress):
+                model.train()
                 loss = _loss(model, next(data))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(float(loss.detach()))
+                if step in marks:
+                    best.offer(step)
     finally:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(before[id(p)])
-    return losses
+    return losses, (best.restore() if best else None)
+
+
+class _Best:
+    """Keeps a copy of the trained parameters at the best score seen."""
+
+    def __init__(self, model, params, score, step):
+        self.model, self.params, self.score, self.scores = model, params, score, {}
+        self.offer(step)
+
+    def offer(self, step):
+        self.model.eval()
+        with torch.no_grad():
+            value = float(self.score(self.model))
+        self.scores[step] = value
+        if value <= min(self.scores.values()):
+            self.step, self.saved = step, [p.detach().clone() for p in self.params]
+
+    def restore(self):
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.saved, strict=True):
+                p.copy_(saved)
+        return {"step": self.step, "scores": self.scores}

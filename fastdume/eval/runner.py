@@ -32,7 +32,8 @@ class EvalConfig:
     stats_mode: str = "oracle"
     router_steps: int = 200
     router_lr: float = 1e-3
-    weighting: str = "switch"
+    weighting: str = "st"
+    checkpoints: int = 4
     full_steps: int = 30
     full_lr: float = 1e-4
     alphas: tuple = ALPHAS
@@ -42,7 +43,7 @@ class EvalConfig:
     @classmethod
     def quick(cls, **overrides):
         small = dict(stats_tokens=2000, eval_batches=2, batch_size=8, router_steps=8,
-                     full_steps=2, alphas=(0.25, 0.5))  # fmt: skip
+                     full_steps=2, checkpoints=2, alphas=(0.25, 0.5))  # fmt: skip
         return cls(**{**small, **overrides})
 
     def solve_kwargs(self):
@@ -56,6 +57,12 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if (
+            isinstance(self.checkpoints, bool)
+            or not isinstance(self.checkpoints, int)
+            or (self.checkpoints < 0)
+        ):
+            raise ValueError(f"checkpoints must be an int >= 0, got {self.checkpoints!r}")
 
 
 def _log(msg):
@@ -109,6 +116,9 @@ def _dume_variants(cfg, dume, batches_of, domains, results, dense_own):
 
 
 def _trained(cfg, dume, rand, batches_of, domains, results, dense_own):
+    def score(model):  # checkpoint selection on validation data, never on test
+        return mean_nll(evaluate(model, batches_of, domains, "validation")["ppl"])
+
     runs = [
         ("DUME+", dume, "router", cfg.router_steps, cfg.router_lr),
         ("BTX-style", rand, "router", cfg.router_steps, cfg.router_lr),
@@ -118,12 +128,14 @@ def _trained(cfg, dume, rand, batches_of, domains, results, dense_own):
         _log(f"{name}: {which} training, {steps} steps, lr {lr}, weighting {cfg.weighting!r}")
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(start)
-        losses = train_model(model, batches_of, domains, steps, lr, which, cfg.weighting,
-                             progress=cfg.progress, desc=name)  # fmt: skip
+        losses, chosen = train_model(
+            model, batches_of, domains, steps, lr, which, cfg.weighting, progress=cfg.progress,
+            desc=name, score=score, checkpoints=cfg.checkpoints,
+        )  # fmt: skip
         results["curves"][name] = losses
         res = evaluate(model, batches_of, domains, routing=True)
         _record(results, name, res, dense_own, weighting=cfg.weighting, steps=steps, lr=lr,
-                trained=which)  # fmt: skip
+                trained=which, selection=chosen)  # fmt: skip
 
 
 def run_eval(cfg):
