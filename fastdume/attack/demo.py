@@ -116,8 +116,8 @@ def _run(cfg, log):
     # 2. the attacker's surrogate and Delta, on its own stage only
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
     bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
-    own = enc(arithmetic_tasks(max(1, int(cfg.surrogate_benign * len(bd))), cfg.seed + 1000))
-    bd += own if cfg.surrogate_benign else []
+    own = enc(arithmetic_tasks(len(bd), cfg.seed + 1000))  # the attacker's own benign rows
+    bd += own[: int(cfg.surrogate_benign * len(bd))]
     surrogate, _ = train_surrogate(
         model,
         bd,
