@@ -146,6 +146,10 @@ def run_eval(cfg):
     from fastdume.data.zoo import build_zoo
 
     cfg.check()
+    if not cfg.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     _log(f"fastdume eval: loading the {cfg.preset!r} zoo (built and cached on first use)...")
