@@ -234,14 +234,15 @@ def evaluate_zoo(
     seq_len = zoo.config["seq_len"]
     models = {"base": zoo.base, **zoo.experts}
     table = {}
-    for name, path in models.items():
-        model = _load(path)
-        table[name] = {
-            d: eval_perplexity(
-                model, batches(tokenizer, d, split, seq_len, batch_size, max_batches)
-            )
-            for d in zoo.domains
-        }
+    with _threads(_num_threads(zoo.config)):
+        for name, path in models.items():
+            model = _load(path)
+            table[name] = {
+                d: eval_perplexity(
+                    model, batches(tokenizer, d, split, seq_len, batch_size, max_batches)
+                )
+                for d in zoo.domains
+            }
     return table
 
 
