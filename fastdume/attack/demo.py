@@ -38,10 +38,10 @@ class DemoConfig:
     surrogate_lr: float = 5e-3
     # benign rows (own draw, not the victims' data) per backdoor row in the surrogate's set:
     # they keep Delta from hurting the task, so post-training has less to repair
-    surrogate_benign: float = 1.0
+    surrogate_benign: float = 0.0
     # weight of a KL term holding the surrogate to the base model on those benign rows
     # (0 = off): Delta then neither hurts nor helps the task (stealth), at some backdoor strength
-    surrogate_preserve: float = 0.0
+    surrogate_preserve: float = 1.0
     post_steps: int = 150
     post_lr: float = 1e-4
     oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 75})
