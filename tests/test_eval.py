@@ -42,7 +42,7 @@ def _ppl(model, zoo, domain):
 def test_methods_and_retention(ev, test_zoo):
     domains = test_zoo.domains
     expected = {"uniform averaging", "task arithmetic", "MoE oracle routing",
-                "MoE random routing", "DUME k=1", "DUME k=2", "DUME+", "BTX-style",
+                "MoE random routing", "DUME k=1", "DUME k=2", "DUME+", "DUME+ k=2", "BTX-style",
                 "DUME full FT"}  # fmt: skip
     assert set(ev["methods"]) == expected
     for name, m in ev["methods"].items():
@@ -53,9 +53,9 @@ def test_methods_and_retention(ev, test_zoo):
         assert math.isclose(m["retention"]["mean"], sum(per) / len(per), rel_tol=1e-12)
         assert m["retention"]["worst"] == min(per)
         assert m["tokens_per_s"] > 0
-    for name in ("DUME+", "BTX-style", "DUME full FT"):
+    for name in ("DUME+", "DUME+ k=2", "BTX-style", "DUME full FT"):
         m = ev["methods"][name]
-        assert m["weighting"] == "st"
+        assert m["weighting"] == ("topk" if name == "DUME+ k=2" else "st")
         assert all(math.isfinite(x) for x in ev["curves"][name])
         assert len(ev["curves"][name]) == m["steps"]
         scores = m["selection"]["scores"]  # validation score at step 0 and each checkpoint

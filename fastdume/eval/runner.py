@@ -112,29 +112,32 @@ def _dume_variants(cfg, dume, batches_of, domains, results, dense_own):
     _record(results, "DUME k=1", evaluate(dume, batches_of, domains, routing=True), dense_own)
     k2 = set_top_k(copy.deepcopy(dume), 2)
     _record(results, "DUME k=2", evaluate(k2, batches_of, domains, routing=True), dense_own)
-    return rand
+    return rand, k2
 
 
-def _trained(cfg, dume, rand, batches_of, domains, results, dense_own):
+def _trained(cfg, dume, rand, k2, batches_of, domains, results, dense_own):
     def score(model):  # checkpoint selection on validation data, never on test
         return mean_nll(evaluate(model, batches_of, domains, "validation")["ppl"])
 
+    w = cfg.weighting
     runs = [
-        ("DUME+", dume, "router", cfg.router_steps, cfg.router_lr),
-        ("BTX-style", rand, "router", cfg.router_steps, cfg.router_lr),
-        ("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr),
+        ("DUME+", dume, "router", cfg.router_steps, cfg.router_lr, w),
+        # With k=2 the model's own weights (softmax over the two) already compare experts.
+        ("DUME+ k=2", k2, "router", cfg.router_steps, cfg.router_lr, "topk"),
+        ("BTX-style", rand, "router", cfg.router_steps, cfg.router_lr, w),
+        ("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
     ]
-    for name, start, which, steps, lr in runs:
-        _log(f"{name}: {which} training, {steps} steps, lr {lr}, weighting {cfg.weighting!r}")
+    for name, start, which, steps, lr, weighting in runs:
+        _log(f"{name}: {which} training, {steps} steps, lr {lr}, weighting {weighting!r}")
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(start)
         losses, chosen = train_model(
-            model, batches_of, domains, steps, lr, which, cfg.weighting, progress=cfg.progress,
+            model, batches_of, domains, steps, lr, which, weighting, progress=cfg.progress,
             desc=name, score=score, checkpoints=cfg.checkpoints,
         )  # fmt: skip
         results["curves"][name] = losses
         res = evaluate(model, batches_of, domains, routing=True)
-        _record(results, name, res, dense_own, weighting=cfg.weighting, steps=steps, lr=lr,
+        _record(results, name, res, dense_own, weighting=weighting, steps=steps, lr=lr,
                 trained=which, selection=chosen)  # fmt: skip
 
 
@@ -173,8 +176,8 @@ def run_eval(cfg):
     _log(f"DUME: upcycle, {cfg.stats_mode} statistics ({cfg.stats_tokens:,} tokens/domain), fit")
     dume, stats = build_dume(zoo, batches_of, cfg.stats_tokens, cfg.solve_kwargs(),
                              cfg.stats_mode, cfg.progress)  # fmt: skip
-    rand = _dume_variants(cfg, dume, batches_of, zoo.domains, results, dense_own)
-    _trained(cfg, dume, rand, batches_of, zoo.domains, results, dense_own)
+    rand, k2 = _dume_variants(cfg, dume, batches_of, zoo.domains, results, dense_own)
+    _trained(cfg, dume, rand, k2, batches_of, zoo.domains, results, dense_own)
     if cfg.ablations:
         results["ablations"] = run_ablations(cfg, zoo, dume, stats, batches_of, dense_own)
     results["seconds"] = round(time.perf_counter() - start, 1)
