@@ -1,41 +1,14 @@
-"""Bench-wide setup: the same environment as the tests (interpreter on CPU-only machines)."""
+"""Benches run in the tests' environment (offline hub, Triton interpreter on CPU-only machines,
+markers, seeds, the test_zoo fixture): load tests/conftest.py rather than repeating it."""
 
-import os
+import importlib.util
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_path = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
+_spec = importlib.util.spec_from_file_location("fastdume_tests_conftest", _path)
+_env = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_env)
 
-import torch  # noqa: E402  (torch does not import triton, so the switch below is still in time)
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import random  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    has_cuda = torch.cuda.is_available()
-    markexpr = config.option.markexpr or ""
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    kept, deselected = [], []
-    for item in items:
-        if "gpu" in item.keywords and not has_cuda:
-            item.add_marker(skip_gpu)
-        if "slow" in item.keywords and "slow" not in markexpr:
-            deselected.append(item)
-        else:
-            kept.append(item)
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = kept
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    yield
+pytest_collection_modifyitems = _env.pytest_collection_modifyitems
+_seed = _env._seed
+test_zoo = _env.test_zoo
