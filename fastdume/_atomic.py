@@ -1,6 +1,7 @@
-"""Write a directory all at once: build it under a temporary sibling name, then rename it."""
+"""Write files and directories all at once: build under a temporary sibling name, then rename."""
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -32,4 +33,19 @@ def atomic_directory(path):
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path, data):
+    """JSON to a temporary name next to `path`, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
         raise

@@ -1,11 +1,11 @@
 """Helpers shared by the stats / fit / add-expert / demo commands: data options, loading."""
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from fastdume._atomic import write_json  # noqa: F401  (the commands import it from here)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -135,21 +135,6 @@ def save_model(model, out, tokenizer_from=()):
                 shutil.copy2(file, Path(tmp) / file.name)
             if files:
                 break
-
-
-def write_json(path, data):
-    """JSON to a temporary name next to `path`, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def fail(command, err):

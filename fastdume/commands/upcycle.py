@@ -1,12 +1,11 @@
 """`fastdume upcycle`: dense expert directories in, one DUME model directory out."""
 
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from fastdume._atomic import write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = (
@@ -102,21 +101,6 @@ def _print_summary(s):
     print(f"  tokenizer:   {s['tokenizer_from'] or 'none found in the expert directories'}")
     print("  routers:     zero until fitted (`fastdume stats`, then `fastdume fit`)")
     print(f"  took {s['seconds']:.1f} s")
-
-
-def write_json(path, data):
-    """Write JSON to a temporary name next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def run(args):
