@@ -91,7 +91,18 @@ def test_bad_input_exits_2_and_leaves_files_alone(setup, tmp_path, capsys):
     assert "stats lack the model's domains ['b']" in capsys.readouterr().err
     assert not (tmp_path / "fit").exists()
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    assert main(["fit", str(root / "dume"), str(tmp_path / "junk.safetensors"), "--out", "x"]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                str(root / "dume"),
+                str(tmp_path / "junk.safetensors"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "truncated or not safetensors" in capsys.readouterr().err
     once = _tokens_in(before, tmp_path)
     assert _stats(root, texts, "a", sa, "--extend") == 0  # the same data again: twice the tokens
