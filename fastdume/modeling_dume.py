@@ -14,7 +14,6 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -27,6 +26,13 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3Model", "Qwen3ForCausalLM"),
 }
+
+
+def _kept_positions(logits_to_keep):
+    """transformers' logits_to_keep: an int keeps the last n (0: all); a tensor indexes."""
+    if isinstance(logits_to_keep, int):
+        return slice(-logits_to_keep, None)
+    return logits_to_keep
 
 
 def family_class(family, which):
@@ -282,7 +288,7 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        hidden_states = outputs.last_hidden_state[:, _kept_positions(logits_to_keep), :]
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
