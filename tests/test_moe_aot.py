@@ -10,8 +10,11 @@ from aot import SHARED_LIMIT, compile_specs
 from fastdume.ops import moe_configs
 
 GROUPED = "fastdume.kernels.moe_grouped"
-# Device files only need to fit the card they are named after.
-FILE_ARCHS = {"default.json": (80, 90), "NVIDIA_H100_80GB_HBM3.json": (90,)}
+
+
+def file_archs(name):
+    """default.json serves every card; device files (all Hopper so far) only their own."""
+    return (80, 90) if name == "default.json" else (90,)
 
 
 def _gemm_spec(which, dtype, cfg, block_m, arch):
@@ -38,7 +41,7 @@ def _gemm_spec(which, dtype, cfg, block_m, arch):
 def _gemm_specs():
     seen, specs = set(), []
     for name, _key, _i, cfg in moe_configs.all_shipped():
-        for arch in FILE_ARCHS[name]:
+        for arch in file_archs(name):
             for which in ("gemm1", "gemm2"):
                 ident = (arch, which, cfg["BLOCK_M"], tuple(sorted(cfg[which].items())))
                 if ident in seen:
