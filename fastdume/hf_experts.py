@@ -26,13 +26,14 @@ NAME = "fastdume"
 
 def supported(experts):
     """True when `experts` is a plain concatenated gate/up SwiGLU block fastdume can run."""
+    # has_post_expert_norm and _is_expert_parallel came after transformers 5.17: absent = neither.
     return (
         getattr(experts, "has_gate", False)
         and not getattr(experts, "has_bias", True)
         and not getattr(experts, "is_transposed", True)
         and getattr(experts, "is_concatenated", False)
-        and not getattr(experts, "has_post_expert_norm", True)
-        and not getattr(experts, "_is_expert_parallel", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and not getattr(experts, "_is_expert_parallel", False)
         and isinstance(getattr(experts, "act_fn", None), (nn.SiLU, SiLUActivation))
     )
 

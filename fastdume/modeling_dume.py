@@ -15,9 +15,11 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, Pr
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
-from transformers.utils.deprecation import deprecate_kwarg
 
 from fastdume.ops.moe import fused_moe, moe_experts
+
+# transformers 5.2x renamed past_key_values to cache; the floor, 5.17, knows only the old name.
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # model_type -> (config class, decoder class, causal LM class) in transformers
 FAMILIES = {
@@ -265,7 +267,6 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
     def domains(self):
         return list(self.config.domains)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -273,6 +274,7 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         attention_mask=None,
         position_ids=None,
         cache=None,
+        past_key_values=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -283,9 +285,9 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_ARG: past_key_values if cache is None else cache},
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state[:, _kept_positions(logits_to_keep), :]
@@ -298,7 +300,7 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
