@@ -6,7 +6,17 @@ import importlib.util
 import sys
 
 # subcommand modules in the order --help lists them
-COMMANDS = ("demo", "upcycle", "stats", "fit", "add_expert", "eval", "pipeline_train", "attack")
+COMMANDS = (
+    "demo",
+    "upcycle",
+    "stats",
+    "fit",
+    "add_expert",
+    "remove_expert",
+    "eval",
+    "pipeline_train",
+    "attack",
+)
 
 
 def _modules():

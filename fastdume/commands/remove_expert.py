@@ -1,0 +1,198 @@
+"""`fastdume remove-expert`: drop one domain's expert from a DUME model and re-fit its routers."""
+
+import time
+import warnings
+from pathlib import Path
+
+from fastdume.commands._common import (
+    add_solve_args,
+    fail,
+    load_model,
+    load_tokenizer,
+    make_batches,
+    save_model,
+    solve_kwargs,
+    write_json,
+)
+
+STATS_NAME = "router_stats.safetensors"
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "remove-expert",
+        help="remove a domain's expert from a DUME model (no data needed)",
+        description="Remove one domain from a DUME model: its expert is dropped from every "
+        "layer and the routers are re-solved from the remaining domains' statistics (--stats). "
+        "Exact when the model was built with --shared base:DIR. With mean-merged shared "
+        "weights, pass the removed dense model as --expert to take it out of the mean (the "
+        "statistics then become approximate, a warning says so, unless --recollect --corpus "
+        "re-collects them); without --expert the shared weights keep its share (warned).",
+        epilog="example: fastdume remove-expert dume/ legal --stats stats/*.safetensors "
+        "--out dume-without-legal/",
+    )
+    parser.add_argument("model", help="DUME model directory")
+    parser.add_argument("domain", help="name of the domain to remove")
+    parser.add_argument(
+        "--stats",
+        nargs="+",
+        help="statistics files of the model's domains (the removed one may be left out; "
+        "not needed with --recollect)",
+    )
+    parser.add_argument("--out", required=True, help="output model directory (new or empty)")
+    parser.add_argument(
+        "--stats-out",
+        help=f"where to write the statistics of the remaining domains (a new file; "
+        f"default: OUT/{STATS_NAME})",
+    )
+    parser.add_argument(
+        "--expert",
+        metavar="DIR",
+        help="the removed domain's dense model (mean-merged models: taken out of the shared "
+        "mean; ignored for --shared base:DIR models)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_recollect_args(parser)
+    add_solve_args(parser)
+    parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON here")
+    parser.set_defaults(run=run, text=None)
+    return parser
+
+
+def _add_recollect_args(parser):
+    """add-expert's data options, minus --text: data is only read to re-collect statistics."""
+    group = parser.add_argument_group("re-collecting statistics (mean-merged models)")
+    group.add_argument(
+        "--recollect",
+        action="store_true",
+        help="re-collect every remaining domain's statistics on the new model (needs --corpus)",
+    )
+    group.add_argument(
+        "--corpus",
+        action="store_true",
+        help="use the domains' documents of the corpus shipped with fastdume (train split)",
+    )
+    group.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
+    group.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    group.add_argument(
+        "--max-tokens", type=int, help="stop after this many tokens (default: all the data)"
+    )
+    group.add_argument(
+        "--skip-first-token",
+        action="store_true",
+        help="leave out the first token of every row (often an outlier hidden state)",
+    )
+    group.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer directory (default: the model directory's, else fastdume's shipped one)",
+    )
+
+
+def _check_args(args):
+    if args.recollect and not args.corpus:
+        raise ValueError("--recollect needs --corpus (data for every remaining domain)")
+    if args.corpus and not args.recollect:
+        raise ValueError("--corpus is only read with --recollect")
+    if not args.recollect and not args.stats:
+        raise ValueError("need --stats (statistics of the remaining domains) or --recollect")
+    if args.expert is not None and not (Path(args.expert) / "config.json").is_file():
+        raise ValueError(f"--expert {args.expert} is not a model directory (no config.json)")
+
+
+def _stats_target(args):
+    """(path inside OUT relative to it, or None; path outside OUT, or None)."""
+    out = Path(args.out).resolve()
+    target = Path(args.stats_out or Path(args.out) / STATS_NAME).resolve()
+    if target == out:
+        raise ValueError(f"--stats-out {args.stats_out} is the output directory; name a file")
+    if target.is_relative_to(out):
+        return target.relative_to(out), None
+    if target.exists():
+        raise FileExistsError(f"--stats-out {str(args.stats_out)!r} exists; give a new file")
+    return None, target
+
+
+def _save(model, stats, args):
+    """OUT (model, tokenizer and, by default, the statistics) appears whole or not at all; a
+    --stats-out file outside OUT is removed again if OUT cannot be written."""
+    from fastdume._atomic import atomic_directory
+
+    inside, outside = _stats_target(args)
+    try:
+        with atomic_directory(args.out) as tmp:
+            # save_model writes an empty directory atomically: here the temporary one
+            save_model(model, tmp, tokenizer_from=[args.model])
+            if inside is not None:
+                (tmp / inside).parent.mkdir(parents=True, exist_ok=True)
+                stats.save(tmp / inside)
+            else:
+                outside.parent.mkdir(parents=True, exist_ok=True)
+                stats.save(outside)
+    except BaseException:
+        if outside is not None:
+            outside.unlink(missing_ok=True)
+        raise
+    return Path(args.out) / inside if inside is not None else Path(args.stats_out)
+
+
+def run(args):
+    from fastdume._atomic import check_writable_directory
+    from fastdume.commands.fit import load_stats
+    from fastdume.dynamic import remove_expert
+
+    start = time.perf_counter()
+    try:
+        check_writable_directory(args.out)
+        _check_args(args)
+        _stats_target(args)
+        model = load_model(args.model)
+        before = list(model.config.domains)
+        stats = load_stats(args.stats, model) if args.stats else None
+        batches = None
+        if args.recollect:
+            tokenizer = load_tokenizer(args, args.model)
+            remaining = [d for d in before if d != args.domain]
+            batches = {d: make_batches(args, tokenizer, d) for d in remaining}
+        notes = []
+        if args.expert is not None and model.config.shared != "mean":
+            notes.append(f"--expert ignored: the shared weights come from {model.config.shared}")
+        expert = args.expert if model.config.shared == "mean" else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            model, stats = remove_expert(
+                model,
+                args.domain,
+                stats,
+                recollect=args.recollect,
+                batches=batches,
+                expert=expert,
+                max_tokens=args.max_tokens,
+                skip_first_token=args.skip_first_token,
+                progress=not args.no_progress,
+                **solve_kwargs(args),
+            )
+        stats_out = _save(model, stats, args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        return fail("remove-expert", err)
+    notes += [str(w.message) for w in caught]
+    summary = {
+        "out": str(args.out),
+        "stats_out": str(stats_out),
+        "removed": args.domain,
+        "domains": list(model.config.domains),
+        "tokens": {d: stats.tokens(d) for d in model.config.domains},
+        "shared": model.config.shared,
+        "warnings": notes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    print(f"removed expert {args.domain!r} -> {args.out} ({len(summary['domains'])} experts)")
+    for d in summary["domains"]:
+        print(f"  {d:<16} {summary['tokens'][d]:>12,} tokens")
+    print(f"  statistics of the remaining set -> {stats_out}")
+    for note in notes:
+        print(f"  note: {note}")
+    print(f"  took {summary['seconds']:.1f} s")
+    if args.json:
+        write_json(args.json, summary)
+    return 0
