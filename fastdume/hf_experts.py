@@ -52,6 +52,7 @@ def fastdume_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         gate_up,
         down,
         backend=getattr(self, "fastdume_backend", None),
+        check_ids=False,  # transformers' router picked them: no host sync per layer
     )
     return out.to(hidden_states.dtype)
 

@@ -200,7 +200,7 @@ class DumeMoE(nn.Module):
         else:
             ids = torch.full((x.shape[0], 1), self.force_expert, dtype=torch.long, device=x.device)
             weights = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-            out = moe_experts(x, weights, ids, gate_up, down)
+            out = moe_experts(x, weights, ids, gate_up, down, check_ids=False)
         return out.reshape(shape)
 
     def extra_repr(self):

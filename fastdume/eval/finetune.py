@@ -42,7 +42,7 @@ def _forward(layer, weighting):
         logits = F.linear(x.float(), layer.router.weight, layer.router.bias) / layer.temperature
         weights, ids = _weights(logits, layer.top_k, weighting)
         gate_up, down = layer.experts.gate_up_proj, layer.experts.down_proj
-        return moe_experts(x, weights, ids, gate_up, down).reshape(shape)
+        return moe_experts(x, weights, ids, gate_up, down, check_ids=False).reshape(shape)
 
     return forward
 

@@ -43,7 +43,7 @@ def _check_router(x, weight, bias, top_k, temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
-def _check_experts(x, topk_ids, gate_up_proj, down_proj):
+def _check_experts(x, topk_ids, gate_up_proj, down_proj, check_ids):
     if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
         raise ValueError(
             "gate_up_proj must be [E, 2I, H] and down_proj [E, H, I], got shapes "
@@ -67,8 +67,8 @@ def _check_experts(x, topk_ids, gate_up_proj, down_proj):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     # The range check reads the ids on the host; skip it while a CUDA graph is being captured.
-    capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-    if topk_ids.numel() and not capturing and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
+    check_ids = check_ids and not (topk_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+    if check_ids and topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
         raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}")
 
 
@@ -144,9 +144,15 @@ def experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj
     return weighted.sum(dim=1).to(hidden_states.dtype)
 
 
-def moe_experts(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj, backend=None):
-    """Expert part of the MoE given the routing: sum_j w_j * down_j(silu(gate_j x) * up_j x)."""
-    _check_experts(hidden_states, topk_ids, gate_up_proj, down_proj)
+def moe_experts(
+    hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj, backend=None, check_ids=True
+):
+    """Expert part of the MoE given the routing: sum_j w_j * down_j(silu(gate_j x) * up_j x).
+
+    check_ids reads the ids on the host to verify they lie in 0..E-1: a device sync on CUDA, so
+    callers whose ids come from a router (fused_moe, the models) pass False.
+    """
+    _check_experts(hidden_states, topk_ids, gate_up_proj, down_proj, check_ids)
     if tuple(topk_weights.shape) != tuple(topk_ids.shape):
         raise ValueError(
             f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ"
@@ -176,4 +182,6 @@ def fused_moe(
 ):
     """Route, then run the selected experts: [T, H] -> [T, H] in hidden_states' dtype."""
     weights, ids = route(hidden_states, router_weight, router_bias, top_k, temperature, backend)
-    return moe_experts(hidden_states, weights, ids, gate_up_proj, down_proj, backend=backend)
+    return moe_experts(
+        hidden_states, weights, ids, gate_up_proj, down_proj, backend=backend, check_ids=False
+    )
