@@ -48,6 +48,7 @@ def _check(x, gram0, sum0, gram, colsum, count, mask, rtol):
         (3, 37, 33, torch.bfloat16, torch.float64, True),
         (2, 64, 16, torch.float16, torch.float32, True),
         (1, 21, 50, torch.float32, torch.float64, True),
+        (2, 1100, 20, torch.bfloat16, torch.float64, True),  # 3 accumulation chunks of 512 tokens
     ],
 )
 def test_triton_matches_float64(layers, n, h, x_dtype, g_dtype, use_mask):
