@@ -216,7 +216,7 @@ def test_device_stager_orders_copies_after_compute():
         torch.testing.assert_close(host.view(torch.float32), (x * 2 + 1).cpu(), rtol=0, atol=0)
         up, _ = stager.to_device(host, y.shape, torch.float32, "cuda")
         z = up - 1  # compute waits for the upload on the GPU
-        torch.testing.assert_close(z, x * 2, rtol=0, atol=0)
+        torch.testing.assert_close(z, y - 1, rtol=0, atol=0)
         stager.release(buf)
         stager.reset()
     assert len(stager.pool) <= 2  # pinned buffers were reused

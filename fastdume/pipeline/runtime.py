@@ -381,8 +381,10 @@ def _save_hook_messages(cfg, stage):
 
 def init_and_run(cfg, rank, world):
     # activations always travel through host memory (gloo); on GPUs the replica and tie
-    # reductions of CUDA tensors go through NCCL
-    backend = "gloo" if cfg.device == "cpu" else "cpu:gloo,cuda:nccl"
+    # reductions of CUDA tensors go through NCCL, which refuses two ranks on one GPU, so ranks
+    # that share a GPU reduce through gloo too
+    shared_gpu = cfg.device != "cpu" and world > torch.cuda.device_count()
+    backend = "gloo" if cfg.device == "cpu" or shared_gpu else "cpu:gloo,cuda:nccl"
     dist.init_process_group(
         backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout)
     )
