@@ -1,6 +1,6 @@
 #!/bin/bash
 # The checks of a lent GPU session (issue 9/9), run from the repository root on the device:
-#   OUT=dir bash benches/gpu_session.sh install gpu_tests bench tune sanitize suite
+#   OUT=dir bash benches/gpu_session.sh install gpu_tests bench tune adopt sanitize suite
 # Each named step runs under its own time limit and logs to $OUT/session.log, so a step that
 # fails or hangs does not cost the others. Bench JSON and tuned configs also land in $OUT.
 set -u
@@ -23,14 +23,16 @@ t.__version__, torch.cuda.get_device_name())' >>"$log" 2>&1
 pytest=(python3 -m pytest -p no:cacheprovider -q -rfE --tb=short)
 for s in "$@"; do
     case $s in
-    install) step install 240 env MAX_JOBS=16 pip install --no-build-isolation --no-deps "$repo" ;;
-    gpu_tests) step gpu_tests 180 "${pytest[@]}" "$repo/tests" -m gpu ;;
+    install) step install 240 env MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps "$repo" ;;
+    gpu_tests) step gpu_tests 180 python3 -X faulthandler "${pytest[@]:1}" "$repo/tests" -m gpu ;;
     bench) step bench 240 "${pytest[@]}" "$repo/benches" --benchmark-only -m gpu \
         --benchmark-json="$OUT/bench.json" --benchmark-columns=median,rounds ;;
     bench_all) step bench_all 300 "${pytest[@]}" "$repo/benches" --benchmark-only \
         --benchmark-json="$OUT/bench.json" --benchmark-columns=median,rounds ;;
     tune) step tune "${TUNE_LIMIT:-240}" python3 "$repo/benches/tune_moe.py" --out "$OUT" \
-        --budget "$((${TUNE_LIMIT:-240} - 60))" ;;
+        --budget "$((${TUNE_LIMIT:-240} - 60))" ${TUNE_ARGS:-} ;;
+    adopt) step adopt 30 python3 -c "import glob, os, shutil, fastdume.ops.moe_configs as m
+for f in glob.glob('$OUT/NVIDIA_*.json'): shutil.copy(f, os.path.dirname(m.__file__)); print(f)" ;;
     sanitize)
         step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
             python3 "$repo/benches/sanitize.py"

@@ -9,7 +9,8 @@ values is timed at both and scored by the sum. Every candidate is compiled first
 worker processes on small proxy tensors with the same Triton specialisation, so the timing loop
 only reads Triton's cache. Output: DIR/<device name>.json in fastdume/ops/moe_configs' format,
 one bucket per tuned T (boundaries at geometric midpoints), rewritten after every T so a run cut
-short by the budget keeps what it finished.
+short by the budget keeps what it finished. --start FILE keeps FILE's buckets and replaces or
+adds the ones tuned now (with --only KEY and --tokens T..., to finish an interrupted run).
 """
 
 import argparse
@@ -111,6 +112,9 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", type=float, default=900.0, help="seconds, checked per T")
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--only", default="", help="tune only keys containing this string")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--start", type=Path, help="a config file whose buckets to keep")
     args = parser.parse_args()
     start = time.monotonic()
     kern = _backend.kernels("moe_grouped", torch.device("cuda"))
@@ -119,16 +123,22 @@ def main():
     for e, h, i, top_k in GPU_SHAPES.values():
         keys.setdefault(moe_configs.shape_key(e, h, i, torch.bfloat16), []).append((e, h, i, top_k))
     out = {"_comment": f"Tuned on {name} by benches/tune_moe.py.", "shapes": {}}
+    if args.start:
+        out["shapes"] = json.loads(args.start.read_text())["shapes"]
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
-        for (key, shapes), t in itertools.product(keys.items(), TOKENS):
+        for (key, shapes), t in itertools.product(keys.items(), args.tokens):
+            if args.only not in key:
+                continue
             if time.monotonic() - start > args.budget:
                 print(f"budget spent before {key} T={t}", flush=True)
                 break
             config, ms = tune(kern, pool, t, shapes)
             print(f"{key} T={t}: {ms * 1e3:.1f} us {json.dumps(config)}", flush=True)
             buckets = out["shapes"].setdefault(key, {"buckets": []})["buckets"]
-            buckets.append({"max_tokens": t, "config": config, "us": round(ms * 1e3, 1)})
+            buckets[:] = [b for b in buckets if b["tuned_at"] != t]
+            buckets.append({"tuned_at": t, "us": round(ms * 1e3, 1), "config": config})
+            buckets.sort(key=lambda b: b["tuned_at"])
             write(args.out / moe_configs.file_name(name), out)
 
 
@@ -138,7 +148,7 @@ def write(path, tuned):
     for entry in data["shapes"].values():
         b = entry["buckets"]
         for lo, hi in zip(b[:-1], b[1:], strict=True):
-            lo["max_tokens"] = int(math.sqrt(lo["max_tokens"] * hi["max_tokens"]))
+            lo["max_tokens"] = int(math.sqrt(lo["tuned_at"] * hi["tuned_at"]))
         b[-1]["max_tokens"] = None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
