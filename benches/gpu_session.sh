@@ -33,12 +33,16 @@ for s in "$@"; do
         --budget "$((${TUNE_LIMIT:-240} - 60))" ${TUNE_ARGS:-} ;;
     adopt) step adopt 30 python3 -c "import glob, os, shutil, fastdume.ops.moe_configs as m
 for f in glob.glob('$OUT/NVIDIA_*.json'): shutil.copy(f, os.path.dirname(m.__file__)); print(f)" ;;
+    ridge_diag) step ridge_diag 150 python3 "$repo/benches/tune_ridge.py" ;;
     sanitize)
         step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
             python3 "$repo/benches/sanitize.py"
         step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
             python3 "$repo/benches/sanitize.py" ;;
-    suite) step suite 300 "${pytest[@]}" "$repo/tests" -x -n 8 ;;
+    suite)  # interpreter kernels as in CI (CPU tensors), everything else with CUDA visible
+        step zoo 120 python3 -c "from fastdume.data.zoo import build_zoo; build_zoo('test')"
+        step suite 300 env TRITON_INTERPRET=1 "${pytest[@]}" "$repo/tests" -m "not gpu" -n 8 \
+            --maxfail=10 ;;
     *) echo "unknown step $s" | tee -a "$log" ;;
     esac
 done
