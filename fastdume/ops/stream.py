@@ -360,7 +360,7 @@ class DeviceStager:
     compute blocks on a transfer; only `wait_host` blocks, when the bytes must hit the wire."""
 
     def __init__(self, max_buffers=8):
-        self._uploads = []
+        self._uploads, self._sources = [], []
         if not cuda_ext_ready():
             reason = cuda_ext().device_query()["reason"] if cuda_ext() is not None else "not built"
             raise RuntimeError(f"DeviceStager needs fastdume._C_cuda and a device: {reason}")
@@ -374,8 +374,10 @@ class DeviceStager:
         buf_id, ptr = self.pool.acquire(nbytes)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         event = self.engine.copy(ptr, x.data_ptr(), nbytes, True, stream)
-        # x's memory must not be reused before the copy stream has read it
-        x.record_stream(torch.cuda.ExternalStream(self.engine.d2h_stream, device=x.device))
+        # x's memory must not be reused before the copy stream has read it: hold x until reset.
+        # (Not x.record_stream: on an H200 with torch 2.11, freeing a tensor recorded on a copy
+        # stream of fastdume's own CUDA runtime aborted the process.)
+        self._sources.append(x)
         return buf_id, _host_view(ptr, nbytes), event
 
     def to_device(self, host, shape, dtype, device):
@@ -402,8 +404,9 @@ class DeviceStager:
         self.pool.release(buf_id)
 
     def reset(self):
-        """Wait for all copies, return upload buffers to the pool and recycle event ids."""
+        """Wait for all copies, return upload buffers to the pool, free the copied tensors and
+        recycle event ids. Call once per step."""
         self.engine.reset()
         for _, buf_id in self._uploads:
             self.pool.release(buf_id)
-        self._uploads = []
+        self._uploads, self._sources = [], []
