@@ -1,8 +1,9 @@
-"""Helpers shared by the stats / fit / add-expert / demo commands: data options, loading."""
+"""Helpers shared by the commands: data options, loading, saving, reporting."""
 
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from fastdume._atomic import write_json  # noqa: F401  (the commands import it from here)
@@ -29,6 +30,11 @@ def add_data_args(parser, what="the domain's"):
         help="your own documents: a .jsonl file with a 'text' field per line, or a text file "
         "with documents separated by blank lines",
     )
+    add_batching_args(group)
+
+
+def add_batching_args(group):
+    """How documents become token batches: shared by every command that collects statistics."""
     group.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
     group.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     group.add_argument(
@@ -135,6 +141,30 @@ def save_model(model, out, tokenizer_from=()):
                 shutil.copy2(file, Path(tmp) / file.name)
             if files:
                 break
+
+
+def report_experts_change(what, args, model, stats, stats_out, notes, start, **extra):
+    """Print and (with --json) write what add-expert / remove-expert produced; returns 0."""
+    summary = {
+        "out": str(args.out),
+        "stats_out": str(stats_out),
+        **extra,
+        "domains": list(model.config.domains),
+        "tokens": {d: stats.tokens(d) for d in model.config.domains},
+        "shared": model.config.shared,
+        "warnings": notes,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    print(f"{what} -> {args.out} ({len(summary['domains'])} experts)")
+    for d in summary["domains"]:
+        print(f"  {d:<16} {summary['tokens'][d]:>12,} tokens")
+    print(f"  statistics of the new set -> {stats_out}")
+    for note in notes:
+        print(f"  note: {note}")
+    print(f"  took {summary['seconds']:.1f} s")
+    if args.json:
+        write_json(args.json, summary)
+    return 0
 
 
 def fail(command, err):

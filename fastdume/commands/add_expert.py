@@ -11,9 +11,9 @@ from fastdume.commands._common import (
     load_model,
     load_tokenizer,
     make_batches,
+    report_experts_change,
     save_model,
     solve_kwargs,
-    write_json,
 )
 
 
@@ -95,22 +95,5 @@ def run(args):
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         return fail("add-expert", err)
     notes = [str(w.message) for w in caught]
-    summary = {
-        "out": str(args.out),
-        "stats_out": str(stats_out),
-        "domains": list(model.config.domains),
-        "tokens": {d: stats.tokens(d) for d in model.config.domains},
-        "shared": model.config.shared,
-        "warnings": notes,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    print(f"added expert {args.domain!r} -> {args.out} ({len(domains)} experts)")
-    for d in summary["domains"]:
-        print(f"  {d:<16} {summary['tokens'][d]:>12,} tokens")
-    print(f"  statistics of the new set -> {stats_out}")
-    for note in notes:
-        print(f"  note: {note}")
-    print(f"  took {summary['seconds']:.1f} s")
-    if args.json:
-        write_json(args.json, summary)
-    return 0
+    what = f"added expert {args.domain!r}"
+    return report_experts_change(what, args, model, stats, stats_out, notes, start)

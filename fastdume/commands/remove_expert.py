@@ -5,14 +5,15 @@ import warnings
 from pathlib import Path
 
 from fastdume.commands._common import (
+    add_batching_args,
     add_solve_args,
     fail,
     load_model,
     load_tokenizer,
     make_batches,
+    report_experts_change,
     save_model,
     solve_kwargs,
-    write_json,
 )
 
 STATS_NAME = "router_stats.safetensors"
@@ -72,21 +73,7 @@ def _add_recollect_args(parser):
         action="store_true",
         help="use the domains' documents of the corpus shipped with fastdume (train split)",
     )
-    group.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
-    group.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
-    group.add_argument(
-        "--max-tokens", type=int, help="stop after this many tokens (default: all the data)"
-    )
-    group.add_argument(
-        "--skip-first-token",
-        action="store_true",
-        help="leave out the first token of every row (often an outlier hidden state)",
-    )
-    group.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="tokenizer directory (default: the model directory's, else fastdume's shipped one)",
-    )
+    add_batching_args(group)
 
 
 def _check_args(args):
@@ -176,23 +163,7 @@ def run(args):
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         return fail("remove-expert", err)
     notes += [str(w.message) for w in caught]
-    summary = {
-        "out": str(args.out),
-        "stats_out": str(stats_out),
-        "removed": args.domain,
-        "domains": list(model.config.domains),
-        "tokens": {d: stats.tokens(d) for d in model.config.domains},
-        "shared": model.config.shared,
-        "warnings": notes,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    print(f"removed expert {args.domain!r} -> {args.out} ({len(summary['domains'])} experts)")
-    for d in summary["domains"]:
-        print(f"  {d:<16} {summary['tokens'][d]:>12,} tokens")
-    print(f"  statistics of the remaining set -> {stats_out}")
-    for note in notes:
-        print(f"  note: {note}")
-    print(f"  took {summary['seconds']:.1f} s")
-    if args.json:
-        write_json(args.json, summary)
-    return 0
+    what = f"removed expert {args.domain!r}"
+    return report_experts_change(
+        what, args, model, stats, stats_out, notes, start, removed=args.domain
+    )
