@@ -24,15 +24,7 @@ Only the lower triangle of the working matrix is read or written.
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _tile_coords(pid):
-    # Linear index -> (i, j), i >= j, row-major over the lower triangle.
-    i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
-    i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
-    return i, pid - i * (i + 1) // 2
+from fastdume.kernels.gram import lower_tile_coords
 
 
 @triton.jit
@@ -146,7 +138,7 @@ def update_kernel(
     BS: tl.constexpr,
     BT: tl.constexpr,
 ):
-    ti, tj = _tile_coords(tl.program_id(0))
+    ti, tj = lower_tile_coords(tl.program_id(0))
     a_mat = a_ptr + tl.program_id(1).to(tl.int64) * stride_ab
     start = k0 + BS
     rows = start + ti * BT + tl.arange(0, BT)

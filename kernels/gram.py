@@ -18,7 +18,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_coords(pid):
+def lower_tile_coords(pid):
     # Linear index -> (i, j), i >= j, row-major over the lower triangle; the float guess is
     # corrected in integers so it is exact for any realistic tile count.
     i = ((tl.sqrt((8 * pid + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
@@ -79,7 +79,7 @@ def gram_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    ti, tj = _tile_coords(tl.program_id(0))
+    ti, tj = lower_tile_coords(tl.program_id(0))
     split = tl.program_id(1)
     layer = tl.program_id(2).to(tl.int64)
 

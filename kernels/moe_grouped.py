@@ -22,6 +22,16 @@ from fastdume.kernels.moe_align import align, padded_size, slot_row_offset
 
 
 @triton.jit
+def _rows_and_cols(sorted_ptr, S, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's sorted positions, their slots and validity, its output columns and their
+    bound. Called only for a used block: an unused one may lie past the end of sorted_ptr."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_ptr + pos)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pos, slots, slots < S, cols, cols < n_cols
+
+
+@triton.jit
 def moe_gemm1_kernel(
     x_ptr,  # [T, H], row stride stride_xt
     w_ptr,  # [E, 2I, H], gate rows first, then up rows; contiguous
@@ -41,16 +51,10 @@ def moe_gemm1_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
         return
-    pos = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + pos)
-    valid = slots < S
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
+    pos, slots, valid, cols, col_ok = _rows_and_cols(sorted_ptr, S, inter, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
 
     a_ptrs = x_ptr + slot_row_offset(slots, TOP_K, stride_xt)[:, None] + ks[None, :]
@@ -97,16 +101,10 @@ def moe_gemm2_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    e = tl.load(block_expert_ptr + tl.program_id(0)).to(tl.int64)
     if e < 0:
         return
-    pos = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slots = tl.load(sorted_ptr + pos)
-    valid = slots < S
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < H
+    pos, slots, valid, cols, col_ok = _rows_and_cols(sorted_ptr, S, H, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
 
     a_ptrs = h_ptr + pos[:, None] * inter + ks[None, :]
