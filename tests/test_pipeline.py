@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from fastdume.data.tiny import tiny_model
 from fastdume.pipeline.data import IGNORE, build_source
 from fastdume.pipeline.launch import PipelineError, launch
 from fastdume.pipeline.optim import make_optimizer
@@ -19,34 +20,13 @@ from fastdume.pipeline.runtime import PipelineConfig
 STEPS = 4
 
 
-def _tiny_model(**overrides):
-    try:
-        from fastdume.data.zoo import tiny_model
-    except ImportError:  # before fastdume.data.zoo lands
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=256,
-        )
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-        torch.manual_seed(0)
-        return LlamaForCausalLM(cfg)
-    return tiny_model("llama", seed=0, **overrides)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from fastdume.data import load_tokenizer
 
     root = tmp_path_factory.mktemp("pipeline")
     tok = load_tokenizer()
-    model = _tiny_model(num_hidden_layers=4, vocab_size=len(tok), tie_word_embeddings=True)
+    model = tiny_model("llama", num_hidden_layers=4, vocab_size=len(tok), tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
