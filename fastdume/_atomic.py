@@ -36,14 +36,15 @@ def atomic_directory(path):
         raise
 
 
-def write_json(path, data):
-    """JSON to a temporary name next to `path`, then renamed into place."""
+def write_json(path, data, **dump_options):
+    """JSON to a temporary name next to `path`, then renamed into place; `dump_options` go to
+    json.dump (indent 2 unless given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, **{"indent": 2, **dump_options})
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastdume._atomic import write_json
 from fastdume.data import TOKENIZER_DIR, batches, domains, eval_perplexity, load_tokenizer
 from fastdume.data.corpus import CORPUS_DIR
 from fastdume.data.tiny import FAMILIES, tiny_config, tiny_model
@@ -204,7 +205,8 @@ def build_zoo(preset: str = "test", cache_dir: str | os.PathLike | None = None, 
             if not (zoo.experts[d] / "model.safetensors").exists():
                 model = _build_expert(cfg, tokenizer, zoo.base, d, i)
                 _save_atomic(model, TOKENIZER_DIR, zoo.experts[d])
-    _write_json(root / "zoo.json", {"preset": preset, "config": cfg, "domains": names})
+    record = {"preset": preset, "config": cfg, "domains": names}
+    write_json(root / "zoo.json", record, sort_keys=True)
     return zoo
 
 
@@ -218,12 +220,6 @@ def _save_tokenizer(dest: Path) -> None:
         os.replace(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate_zoo(
@@ -262,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, row in table.items():
         print(f"{name:8s}" + "".join(f"{row[d]:10.2f}" for d in zoo.domains))
     if args.json:
-        _write_json(Path(args.json), {"build_seconds": built, "perplexity": table})
+        write_json(args.json, {"build_seconds": built, "perplexity": table}, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from fastdume._atomic import write_json
 from fastdume.pipeline.runtime import PipelineConfig, config_dict, init_and_run
 
 
@@ -34,13 +35,6 @@ def _rank_file(out, rank):
     return Path(out) / "ranks" / f"rank{rank}.json"
 
 
-def _write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _who(cfg, rank):
     stage, replica = divmod(rank, cfg.replicas)
     return f"stage {stage} replica {replica} (rank {rank})"
@@ -51,18 +45,12 @@ def rank_main(cfg, rank, world):
     path = _rank_file(cfg.out, rank)
     try:
         result = init_and_run(cfg, rank, world)
-        _write_json(path, {"ok": True, **result})
+        write_json(path, {"ok": True, **result}, default=str)
         return 0
     except BaseException as exc:  # report everything, including KeyboardInterrupt
-        _write_json(
-            path,
-            {
-                "ok": False,
-                "rank": rank,
-                "error": f"{_who(cfg, rank)}: {type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(),
-            },
-        )
+        error = f"{_who(cfg, rank)}: {type(exc).__name__}: {exc}"
+        failure = {"ok": False, "rank": rank, "error": error, "traceback": traceback.format_exc()}
+        write_json(path, failure, default=str)
         return 1
 
 

@@ -15,11 +15,12 @@ import functools
 import json
 import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from fastdume._atomic import write_json
 
 REQUIRED = ("BLOCK_M", "gemm1", "gemm2")
 GEMM_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -133,9 +134,5 @@ def tuned_config(key, configs, measure, path=None):
     best = min(configs, key=measure)
     data = _read_cache(path)  # re-read: another process may have added keys meanwhile
     data[key] = best
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, data, indent=1)
     return best
