@@ -3,6 +3,8 @@
 `<device name>.json` (spaces and dashes as "_") maps "E=..,H=..,I=..,dtype=.." to token buckets;
 `default.json` covers every other shape and device. A bucket is the first whose max_tokens >= T.
 A config: {"BLOCK_M": .., "gemm1": {BLOCK_N, BLOCK_K, num_warps, num_stages}, "gemm2": {...}}.
+Files written by benches/tune_moe.py also record each bucket's tuned T and time ("tuned_at",
+"us"); loading ignores them.
 Within one bucket the result for a token does not depend on the rest of the batch; across buckets
 the tile shapes (and so the fp32 summation order) may differ.
 
