@@ -127,3 +127,34 @@ def test_tiny_families(family):
 def test_tiny_family_rejects_unknown():
     with pytest.raises(ValueError, match="family must be one of .*'gpt2'"):
         tiny_config("gpt2")
+
+
+def test_mlp_only_preset_shares_the_base_and_changes_only_mlps(tmp_path):
+    import fastdume
+    from fastdume.moe import forced_expert
+
+    # Existing presets keep their configuration (and so their cache keys).
+    for name in ("test", "demo"):
+        assert "expert_params" not in zoo_mod._resolve(name, {})
+        mlp = zoo_mod._resolve(f"{name}-mlp", {})
+        assert mlp.pop("expert_params") == "mlp" and mlp == zoo_mod._resolve(name, {})
+    with pytest.raises(ValueError, match="expert_params must be one of"):
+        build_zoo("test-mlp", cache_dir=tmp_path, expert_params="attn")
+
+    mlp = build_zoo("test-mlp", cache_dir=tmp_path, **MICRO)
+    full = build_zoo("test", cache_dir=tmp_path, **MICRO)  # reuses the base built above
+    assert mlp.base == full.base and mlp.root != full.root
+    base = _weights(mlp.base)
+    for d in mlp.domains:
+        expert = _weights(mlp.experts[d])
+        assert {k for k in base if not torch.equal(base[k], expert[k])} == {
+            k for k in base if ".mlp." in k
+        }, d
+    # Nothing but MLPs differ, so the upcycled MoE under oracle routing is each dense expert.
+    moe = fastdume.upcycle([mlp.experts[d] for d in mlp.domains], domains=mlp.domains)
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad():
+        for e, d in enumerate(mlp.domains):
+            dense = AutoModelForCausalLM.from_pretrained(mlp.experts[d])(ids).logits
+            with forced_expert(moe, e):
+                assert torch.allclose(moe(ids).logits, dense, atol=1e-4), d

@@ -15,7 +15,9 @@ def add_parser(subparsers):
         "from a random router) and full fine-tuning.",
         epilog="example: fastdume eval --preset demo --json eval.json --plots plots/",
     )
-    parser.add_argument("--preset", choices=("demo", "test"), default="demo", help="zoo size")
+    parser.add_argument("--preset", choices=("demo", "test", "demo-mlp", "test-mlp"),
+                        default="demo", help="zoo size; '-mlp': experts fine-tuned only in "
+                        "their MLPs (same base)")  # fmt: skip
     parser.add_argument("--cache-dir", help="zoo cache (default: $FASTDUME_CACHE)")
     parser.add_argument("--quick", action="store_true", help="small sizes (tests, smoke runs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, random routers")
@@ -57,8 +59,26 @@ def add_parser(subparsers):
         action="store_true",
         help="also fit and evaluate the router variants (one change each)",
     )
+    abl.add_argument("--ablation-tokens", metavar="N,N,...", type=_ints,
+                     help="statistics budgets (tokens per domain) of the ablation rows, from one "
+                     "statistics pass (default 1000,10000,100000,1000000)")  # fmt: skip
+    abl.add_argument("--routers-only", action="store_true",
+                     help="only the dense experts, the MoE routing rows (random, oracle, DUME "
+                     "k=1/2) and the ablations: no merging baselines, no training")  # fmt: skip
     parser.set_defaults(run=run)
     return parser
+
+
+def _ints(text):
+    import argparse
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
 
 
 def config_from_args(args):
@@ -68,10 +88,10 @@ def config_from_args(args):
         preset=args.preset, cache_dir=args.cache_dir, seed=args.seed, lam=args.lam,
         lam_mode=args.lam_mode, normalize=not args.no_normalize, intercept=not args.no_intercept,
         balance=args.balance, stats_mode=args.stats_mode, weighting=args.weighting,
-        ablations=args.ablations, progress=not args.no_progress,
+        ablations=args.ablations, routers_only=args.routers_only, progress=not args.no_progress,
     )  # fmt: skip
     for name in ("stats_tokens", "eval_batches", "batch_size", "router_steps", "router_lr",
-                 "full_steps", "full_lr", "checkpoints"):  # fmt: skip
+                 "full_steps", "full_lr", "checkpoints", "ablation_tokens"):  # fmt: skip
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return EvalConfig.quick(**kwargs) if args.quick else EvalConfig(**kwargs)

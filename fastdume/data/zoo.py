@@ -1,10 +1,11 @@
 """Model zoo: a tiny Llama base pretrained on the mixed corpus, and one dense expert per domain.
 
 Every expert is fully fine-tuned (all parameters) from the base on its own domain, as in the
-DUME paper. Each model is a standard transformers directory. Results are cached under
-$FASTDUME_CACHE (default ~/.cache/fastdume) in a folder keyed by a hash of the configuration,
-the corpus and the tokenizer; every stage is written to a temporary folder and renamed when
-complete, so an interrupted build resumes at the first missing model.
+DUME paper; the "-mlp" presets fine-tune only the experts' MLPs (same base). Each model is a
+standard transformers directory. Results are cached under $FASTDUME_CACHE (default
+~/.cache/fastdume) in a folder keyed by a hash of the configuration, the corpus and the
+tokenizer; every stage is written to a temporary folder and renamed when complete, so an
+interrupted build resumes at the first missing model.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ PRESETS = {
         base_steps=500, base_lr=2e-3, expert_steps=100, expert_lr=1e-3, seed=0,
     ),
 }  # fmt: skip
+# MLP-only variants ("<preset>-mlp"): each expert fine-tunes only its MLPs, so every other weight
+# (embeddings, attention, norms, LM head) stays the base's and an upcycled MoE merges nothing
+# but MLPs. The base is the full-fine-tuning preset's own (same folder, built once).
+EXPERT_PARAMS = ("all", "mlp")
+for _name in ("test", "demo"):
+    PRESETS[f"{_name}-mlp"] = {**PRESETS[_name], "expert_params": "mlp"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +86,10 @@ def _resolve(preset: str, overrides: dict) -> dict:
             f"overrides must be among {sorted(PRESETS[preset])}, got {sorted(unknown)}"
         )
     cfg = {**PRESETS[preset], **overrides}
+    if cfg.get("expert_params", "all") not in EXPERT_PARAMS:
+        raise ValueError(
+            f"expert_params must be one of {EXPERT_PARAMS}, got {cfg['expert_params']!r}"
+        )
     cfg["corpus"] = _file_digest(list(CORPUS_DIR.glob("*.jsonl.xz")))[:16]
     cfg["tokenizer"] = _file_digest(list(TOKENIZER_DIR.glob("*.json")))[:16]
     cfg["version"] = ZOO_VERSION
@@ -169,6 +180,9 @@ def _build_expert(cfg: dict, tokenizer, base_dir: Path, domain: str, index: int)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"] + 1 + index)
         model = _load(base_dir)
+        if cfg.get("expert_params", "all") == "mlp":
+            for name, param in model.named_parameters():
+                param.requires_grad_(".mlp." in name)
         data = stream(tokenizer, domain, cfg["seq_len"], cfg["batch_size"], cfg["seed"] + 7 + index)
         steps = cfg["expert_steps"]
         warmup = max(1, steps // 10)
@@ -184,8 +198,12 @@ def build_zoo(preset: str = "test", cache_dir: str | os.PathLike | None = None, 
     cfg = _resolve(preset, overrides)
     names = domains()
     root = cache_root(cache_dir) / "zoo" / f"{preset}-{_key(cfg)}"
+    base_root = root
+    if "expert_params" in cfg:  # an MLP-only variant: the full-fine-tuning preset's base
+        parent = {k: v for k, v in cfg.items() if k != "expert_params"}
+        base_root = cache_root(cache_dir) / "zoo" / f"{preset.removesuffix('-mlp')}-{_key(parent)}"
     zoo = Zoo(
-        base=root / "base",
+        base=base_root / "base",
         experts={d: root / "experts" / d for d in names},
         domains=names,
         tokenizer=root / "tokenizer",

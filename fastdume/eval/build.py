@@ -1,9 +1,12 @@
 """DUME models for the evaluation: oracle statistics (the paper) or layer-by-layer statistics."""
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
-from fastdume.router import RouterStats, collect_stats, fit_router, solve_router
+from fastdume.moe import forced_expert
+from fastdume.router import RouterStats, collect_stats, fit_router, shared_fingerprint, solve_router
 from fastdume.upcycle import upcycle
 
 STATS_MODES = ("oracle", "sequential")
@@ -17,6 +20,66 @@ def oracle_stats(model, batches_of, domains, max_tokens, progress=True):
             model, d, batches_of(d, "train"), max_tokens=max_tokens, stats=stats, progress=progress
         )
     return stats
+
+
+def nested_oracle_stats(model, batches_of, domains, token_counts, progress=True):
+    """`oracle_stats` for several token budgets from one pass -> {budget: RouterStats}.
+
+    The statistics for budget n hold each domain's first n tokens, the same tokens as
+    `oracle_stats(..., max_tokens=n)`; a domain with fewer train tokens stops at all of them
+    (`stats.tokens(domain)` says how many).
+    """
+    counts = sorted(set(token_counts))
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"token_counts must be positive ints, got {token_counts!r}")
+    layers = model.dume_layers()
+    L, H = len(layers), layers[0].router.weight.shape[1]
+    fingerprint = shared_fingerprint(model)
+    # One RouterStats per segment (counts[i-1], counts[i]] of each domain's tokens.
+    parts = [RouterStats(L, H, domains, fingerprint) for _ in counts]
+    bounds = torch.tensor([0, *counts])
+    state = {}
+
+    def make_hook(index):
+        def hook(module, args):
+            x = args[0].reshape(*state["mask"].shape, -1)
+            for i, part in enumerate(parts):
+                seg = state["mask"] & (state["pos"] > bounds[i]) & (state["pos"] <= bounds[i + 1])
+                if seg.any():
+                    part.update(index, x, state["domain"], seg)
+            if index == L - 1:
+                raise _Stop
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for e, d in enumerate(tqdm(domains, desc="nested stats", disable=not progress)):
+                seen = 0
+                with forced_expert(model, e):
+                    for batch in batches_of(d, "train"):
+                        keep = batch["attention_mask"].bool()
+                        pos = (keep.reshape(-1).cumsum(0) + seen).reshape(keep.shape)
+                        state.update(mask=keep & (pos <= counts[-1]), pos=pos, domain=d)
+                        ids, mask = batch["input_ids"], batch["attention_mask"]
+                        with contextlib.suppress(_Stop):
+                            model(input_ids=ids, attention_mask=mask, use_cache=False)
+                        seen += int(keep.sum())
+                        if seen >= counts[-1]:
+                            break
+    finally:
+        for handle in handles:
+            handle.remove()
+    out, total = {}, None
+    for n, part in zip(counts, parts, strict=True):
+        total = part.copy() if total is None else total + part
+        out[n] = total
+    for d in domains:
+        if out[counts[0]].tokens(d) == 0:
+            raise ValueError(f"no train tokens for domain {d!r}")
+    return out
 
 
 class _Stop(Exception):
@@ -68,8 +131,13 @@ def fit_sequential(model, batches_of, domains, max_tokens, solve_kwargs, progres
     return model
 
 
-def build_dume(zoo, batches_of, stats_tokens, solve_kwargs, stats_mode="oracle", progress=True):
-    """Upcycle the zoo's experts and fit the routers -> (model, oracle stats or None)."""
+def build_dume(zoo, batches_of, stats_tokens, solve_kwargs, stats_mode="oracle", progress=True,
+               token_grid=()):  # fmt: skip
+    """Upcycle the zoo's experts and fit the routers -> (model, {tokens: oracle stats} or None).
+
+    Oracle mode collects the statistics for `stats_tokens` and every count in `token_grid` in
+    one pass (`nested_oracle_stats`); the routers are fitted on those of `stats_tokens`.
+    """
     if stats_mode not in STATS_MODES:
         raise ValueError(f"stats_mode must be one of {STATS_MODES}, got {stats_mode!r}")
     model = upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains, progress=False)
@@ -78,8 +146,9 @@ def build_dume(zoo, batches_of, stats_tokens, solve_kwargs, stats_mode="oracle",
         return fit_sequential(
             model, batches_of, zoo.domains, stats_tokens, solve_kwargs, progress
         ), None
-    stats = oracle_stats(model, batches_of, zoo.domains, stats_tokens, progress)
-    fit_router(model, stats, **solve_kwargs)
+    grid = (stats_tokens, *token_grid)
+    stats = nested_oracle_stats(model, batches_of, zoo.domains, grid, progress)
+    fit_router(model, stats[stats_tokens], **solve_kwargs)
     return model, stats
 
 

@@ -7,7 +7,7 @@ import time
 import torch
 
 from fastdume.eval import baselines
-from fastdume.eval.build import build_dume, fit_sequential, oracle_stats, set_top_k
+from fastdume.eval.build import build_dume, fit_sequential, nested_oracle_stats, set_top_k
 from fastdume.eval.finetune import WEIGHTINGS, train_model
 from fastdume.eval.metrics import evaluate, mean_nll, retention
 from fastdume.moe import forced_expert
@@ -38,12 +38,18 @@ class EvalConfig:
     full_lr: float = 1e-4
     alphas: tuple = ALPHAS
     ablations: bool = False
+    # Statistics budgets (tokens per domain) of the ablation rows, besides stats_tokens.
+    ablation_tokens: tuple = (1000, 10_000, 100_000, 1_000_000)
+    # Only the dense experts and the MoE routing rows (and the ablations): no merging
+    # baselines, no training.
+    routers_only: bool = False
     progress: bool = True
 
     @classmethod
     def quick(cls, **overrides):
         small = dict(stats_tokens=2000, eval_batches=2, batch_size=8, router_steps=8,
-                     full_steps=2, checkpoints=2, alphas=(0.25, 0.5))  # fmt: skip
+                     full_steps=2, checkpoints=2, alphas=(0.25, 0.5),
+                     ablation_tokens=(1000,))  # fmt: skip
         return cls(**{**small, **overrides})
 
     def solve_kwargs(self):
@@ -63,6 +69,11 @@ class EvalConfig:
             or (self.checkpoints < 0)
         ):
             raise ValueError(f"checkpoints must be an int >= 0, got {self.checkpoints!r}")
+        tokens = self.ablation_tokens
+        if isinstance(tokens, (int, str)) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in tokens
+        ):
+            raise ValueError(f"ablation_tokens must be positive ints, got {tokens!r}")
 
 
 def _log(msg):
@@ -163,7 +174,8 @@ def run_eval(cfg):
         cap = None if split == "train" else cfg.eval_batches
         return batches(tokenizer, domain, split, seq_len, cfg.batch_size, cap, seed=cfg.seed)
 
-    results = {"config": {**dataclasses.asdict(cfg), "alphas": list(cfg.alphas)},
+    results = {"config": {**dataclasses.asdict(cfg), "alphas": list(cfg.alphas),
+                          "ablation_tokens": list(cfg.ablation_tokens)},
                "domains": list(zoo.domains), "cross": {}, "methods": {}, "curves": {}}  # fmt: skip
     _log("dense experts on every domain (test split)")
     for d in zoo.domains:
@@ -172,12 +184,15 @@ def run_eval(cfg):
         results.setdefault("dense_tokens_per_s", {})[d] = res["tokens_per_s"]
     dense_own = {d: results["cross"][d][d] for d in zoo.domains}
     results["dense_own"] = dense_own
-    _baselines(cfg, zoo, batches_of, results, dense_own)
+    if not cfg.routers_only:
+        _baselines(cfg, zoo, batches_of, results, dense_own)
     _log(f"DUME: upcycle, {cfg.stats_mode} statistics ({cfg.stats_tokens:,} tokens/domain), fit")
+    grid = cfg.ablation_tokens if cfg.ablations else ()
     dume, stats = build_dume(zoo, batches_of, cfg.stats_tokens, cfg.solve_kwargs(),
-                             cfg.stats_mode, cfg.progress)  # fmt: skip
+                             cfg.stats_mode, cfg.progress, token_grid=grid)  # fmt: skip
     rand, k2 = _dume_variants(cfg, dume, batches_of, zoo.domains, results, dense_own)
-    _trained(cfg, dume, rand, k2, batches_of, zoo.domains, results, dense_own)
+    if not cfg.routers_only:
+        _trained(cfg, dume, rand, k2, batches_of, zoo.domains, results, dense_own)
     if cfg.ablations:
         results["ablations"] = run_ablations(cfg, zoo, dume, stats, batches_of, dense_own)
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -185,15 +200,17 @@ def run_eval(cfg):
 
 
 PAPER = dict(lam=1e-2, lam_mode="absolute", normalize=True, fit_intercept=True, balance=False)
+LAMS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2)  # absolute
+TRACE_LAMS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # x tr(A) / dim(A)
 
 
 def _ablation_grid(cfg):
     base = PAPER
     grid = [("paper defaults", {}, "oracle", cfg.stats_tokens, 1)]
     grid += [(f"lam={lam:g}", {"lam": lam}, "oracle", cfg.stats_tokens, 1)
-             for lam in (1e-4, 1.0, 1e2) if lam != base["lam"]]  # fmt: skip
+             for lam in LAMS if lam != base["lam"]]  # fmt: skip
     grid += [(f"lam={lam:g} x tr(A)/dim", {"lam": lam, "lam_mode": "trace"}, "oracle",
-              cfg.stats_tokens, 1) for lam in (1e-4, 1e-2)]  # fmt: skip
+              cfg.stats_tokens, 1) for lam in TRACE_LAMS]  # fmt: skip
     grid += [
         ("no intercept", {"fit_intercept": False}, "oracle", cfg.stats_tokens, 1),
         ("no normalisation", {"normalize": False}, "oracle", cfg.stats_tokens, 1),
@@ -202,27 +219,47 @@ def _ablation_grid(cfg):
         ("k=2", {}, "oracle", cfg.stats_tokens, 2),
     ]
     grid += [(f"stats tokens={n:,}", {}, "oracle", n, 1)
-             for n in (1000, 10_000) if n < cfg.stats_tokens]  # fmt: skip
+             for n in sorted(set(cfg.ablation_tokens)) if n != cfg.stats_tokens]  # fmt: skip
     return [(name, {**base, **kw}, mode, n, k) for name, kw, mode, n, k in grid]
 
 
 def run_ablations(cfg, zoo, dume, stats, batches_of, dense_own):
-    """DUME router variants (one change from the paper defaults each) -> list of rows."""
-    rows = []
-    for name, kwargs, mode, tokens, k in _ablation_grid(cfg):
-        _log(f"ablation: {name}")
+    """DUME router variants (one change from the paper defaults each) -> list of rows.
+
+    stats: {tokens: oracle RouterStats} from `build_dume` (None: collected here, in one pass).
+    A budget above a domain's train tokens uses all of them; the row says how many were used,
+    and a budget whose statistics equal a smaller one's (every domain exhausted) is skipped.
+    """
+    grid = _ablation_grid(cfg)
+    needed = {tokens for _, _, mode, tokens, _ in grid if mode == "oracle"}
+    if stats is None or not needed <= set(stats):
+        stats = nested_oracle_stats(dume, batches_of, zoo.domains, needed, cfg.progress)
+    rows, seen_counts = [], {}
+    if cfg.stats_tokens in stats:
+        seen_counts[tuple(stats[cfg.stats_tokens].tokens(d) for d in zoo.domains)] = grid[0][0]
+    for name, kwargs, mode, tokens, k in grid:
         model = copy.deepcopy(dume)
+        used = None
         if mode == "sequential":
+            _log(f"ablation: {name}")
             fit_sequential(model, batches_of, zoo.domains, tokens, kwargs, cfg.progress)
         else:
-            reuse = stats is not None and tokens == cfg.stats_tokens
-            s = stats if reuse else oracle_stats(
-                model, batches_of, zoo.domains, tokens, cfg.progress)  # fmt: skip
-            fit_router(model, s, **kwargs)
+            used = {d: stats[tokens].tokens(d) for d in zoo.domains}
+            if name.startswith("stats tokens="):
+                key = tuple(used.values())
+                if key in seen_counts:
+                    _log(f"ablation: {name} skipped (same tokens as {seen_counts[key]})")
+                    continue
+                seen_counts[key] = name
+                if min(used.values()) < tokens:  # the corpus ran out for some domain
+                    name += f" (used {min(used.values()):,}-{max(used.values()):,})"
+            _log(f"ablation: {name}")
+            fit_router(model, stats[tokens], **kwargs)
         set_top_k(model, k)
         res = evaluate(model, batches_of, zoo.domains, routing=True)
         ret = retention(dense_own, res["ppl"])
         acc = [sum(v[i] for v in res["routing"].values()) / len(res["routing"])
                for i in range(len(model.dume_layers()))]  # fmt: skip
-        rows.append({"name": name, "ppl": res["ppl"], "retention": ret, "routing_mean": acc})
+        rows.append({"name": name, "ppl": res["ppl"], "retention": ret, "routing_mean": acc,
+                     "stats_tokens": used})  # fmt: skip
     return rows
