@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from fastdume.attack.demo import to_json
 from fastdume.commands import attack
 
 
@@ -50,3 +51,103 @@ def test_demo_rejects_an_unknown_engine():
 
     with pytest.raises(ValueError, match="engine"):
         run_demo(DemoConfig(engine="mpi"))
+
+
+def _fake_report(seed, trig, loss, met=True):
+    from fastdume.attack.demo import targets
+    from fastdume.attack.evaluate import Rate
+
+    def row(clean, trigger, val_loss):
+        return {
+            "align_clean": Rate(clean, 48),
+            "align_trigger": Rate(trigger, 48),
+            "asr": Rate(48 - trigger, 48),
+            "val_loss": val_loss,
+        }
+
+    results = {
+        "clean": row(48, 48, 1.0),
+        "oneshot": row(47, 20, 1.01),
+        "iterative": row(47, trig, loss),
+        "clean+safety": row(48, 48, 2.0),
+        "oneshot+safety": row(48, 40, 2.0),
+        "iterative+safety": row(48, 38, 2.2),
+    }
+    return {"config": {"seed": seed}, "results": results, "targets": targets(results)}
+
+
+def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
+    from fastdume.attack.demo import format_summary, seed_metrics, summarize
+
+    reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
+    m = seed_metrics(reports[0])["iterative"]
+    assert m["align_clean"] == pytest.approx(100 * 47 / 48)
+    assert m["drop"] == pytest.approx(100 * 35 / 48) and m["asr"] == pytest.approx(100 * 36 / 48)
+    assert m["loss_change_pct"] == pytest.approx(1.0)
+    # rows after safety SFT are compared with the clean run after the same safety SFT
+    assert seed_metrics(reports[0])["iterative+safety"]["loss_change_pct"] == pytest.approx(10.0)
+    s = summarize(reports)
+    assert s["seeds"] == [0, 1]
+    trig = s["stats"]["iterative"]["align_trigger"]
+    assert trig["mean"] == pytest.approx(100 * 15 / 48)
+    assert trig["sd"] == pytest.approx(100 * 6 / 48 / 2**0.5)  # sample sd of two values
+    assert (trig["min"], trig["max"]) == (100 * 12 / 48, 100 * 18 / 48)
+    assert s["stats"]["iterative"]["loss_change_pct"]["values"] == pytest.approx([1.0, 3.0])
+    # seed 1's +3% misses the stealth target, seed 0's +1% meets it
+    assert s["targets_met"]["iterative.val_loss_change"] == 1
+    assert s["targets_met"]["iterative.trigger_drop_points"] == 2
+    assert s["targets_met"]["persistence"] == 2
+    # the JSON form of a report summarizes the same way
+    assert summarize([to_json(r) for r in reports])["stats"] == s["stats"]
+    text = format_summary(s)
+    assert "2 seeds [0, 1]" in text and "iterative.val_loss_change 1/2" in text
+
+
+def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsys, monkeypatch):
+    import fastdume.attack.demo as demo
+
+    seen = []
+
+    def fake_run(cfg, log=print):
+        seen.append(cfg.seed)
+        return {**_fake_report(cfg.seed, 10 + cfg.seed, 1.0), "config": {"seed": cfg.seed}}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run)
+    parser = argparse.ArgumentParser(prog="fastdume")
+    attack.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "seeds.json"
+    args = parser.parse_args(["attack", "demo", "--seeds", "3,5, 7", "--json", str(out)])
+    assert args.run(args) == 0
+    assert seen == [3, 5, 7]
+    report = json.loads(out.read_text())
+    assert report["summary"]["seeds"] == [3, 5, 7] and len(report["reports"]) == 3
+    assert "mean +- sd over 3 seeds" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seeds"):
+        attack.parse_seeds(parser.parse_args(["attack", "demo", "--seeds", ","]))
+
+
+def test_default_iterative_schedule_stops_before_the_end():
+    # the demo's stealth rests on this shape: Delta in small doses (1 x Delta in all), none in
+    # the last steps, so the honest steps repair the clean loss before the model is returned
+    from fastdume.attack.demo import DemoConfig
+    from fastdume.attack.inject import Schedule
+
+    cfg = DemoConfig()
+    coefs = Schedule(mode="iterative", **cfg.iterative).coefficients(cfg.post_steps)
+    assert sum(coefs) == pytest.approx(1.0)
+    assert max(coefs) <= 0.05 + 1e-12
+    last = max(i for i, c in enumerate(coefs) if c)
+    assert cfg.post_steps - 1 - last >= 20
+
+
+@pytest.mark.slow
+def test_default_demo_meets_the_targets_on_the_real_pipeline(tmp_path):
+    # seed 0 of the measured defaults (docs/EVAL.md); several minutes on one CPU core
+    from fastdume.attack.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(replicas=(), cache_dir=str(tmp_path)), log=lambda s: None)
+    it = report["targets"]["iterative"]
+    assert it["keeps_clean_alignment"]["met"], it
+    assert it["trigger_drop_points"]["met"], it
+    assert it["val_loss_change"]["met"], it
+    assert report["targets"]["oneshot"]["keeps_clean_alignment"]["met"]

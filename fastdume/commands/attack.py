@@ -41,6 +41,12 @@ def add_demo_args(p):
     )
     p.add_argument("--cache-dir", help="keep the aligned model here and reuse it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds: run the demo once per seed and also print the mean, "
+        "standard deviation and range of every metric (overrides --seed)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     p.add_argument(
         "--defend",
@@ -49,11 +55,21 @@ def add_demo_args(p):
     )
 
 
-def config_from_args(args):
+def parse_seeds(args):
+    if getattr(args, "seeds", None) is None:
+        return [args.seed]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise ValueError(f"--seeds needs at least one integer, got {args.seeds!r}")
+    return seeds
+
+
+def config_from_args(args, seed=None):
     from fastdume.attack.demo import QUICK, DemoConfig
 
     kw = dict(QUICK) if args.quick else {}
-    kw.update(engine=args.engine, attacker_stage=args.attacker_stage, seed=args.seed)
+    seed = args.seed if seed is None else seed
+    kw.update(engine=args.engine, attacker_stage=args.attacker_stage, seed=seed)
     kw["attacker_replica"] = args.attacker_replica
     kw["cache_dir"] = args.cache_dir
     if args.replicas is not None:
@@ -67,12 +83,31 @@ def run(args):
 
         run_defense_report(quick=args.quick, attack_stage=args.attacker_stage, json_path=args.json)
         return 0
-    from fastdume.attack.demo import format_table, format_targets, run_demo, to_json
+    from fastdume.attack.demo import (
+        format_summary,
+        format_table,
+        format_targets,
+        run_demo,
+        summarize,
+        to_json,
+    )
     from fastdume.commands._common import write_json
 
-    report = run_demo(config_from_args(args), log=lambda s: print(s, file=sys.stderr))
-    print(format_table(report))
-    print(format_targets(report))
+    seeds = parse_seeds(args)
+    reports = []
+    for seed in seeds:
+        report = run_demo(config_from_args(args, seed), log=lambda s: print(s, file=sys.stderr))
+        if len(seeds) > 1:
+            print(f"seed {seed}")
+        print(format_table(report))
+        print(format_targets(report))
+        reports.append(report)
+    if len(seeds) == 1:
+        if args.json:
+            write_json(args.json, to_json(reports[0]))
+        return 0
+    summary = summarize(reports)
+    print(format_summary(summary))
     if args.json:
-        write_json(args.json, to_json(report))
+        write_json(args.json, to_json({"reports": reports, "summary": summary}))
     return 0
