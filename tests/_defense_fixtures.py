@@ -62,3 +62,28 @@ def attack_after_detectors(stage, replica, num_stages, num_replicas, inner, atta
 
 def sched(**kw):
     return tuple(sorted(kw.items()))
+
+
+# The default measurement's configuration (`fastdume attack demo --defend`, full): the shipped
+# update-statistics calibration (fastdume/defense/ustats_calibration.json) belongs to it.
+DEMO_CFG = sim.SimConfig(steps=50)
+
+
+@functools.lru_cache(maxsize=16)
+def demo_run(seed, attack=None):
+    """One run of the default config with only the update-statistics detector; attack: a label
+    of fastdume.defense.report.attack_settings (the attack's own injection hook, stage 2)."""
+    from fastdume.defense import report
+
+    kw = {"detectors": ["update_stats"]}
+    if attack is not None:
+        sch = dict(report.attack_settings(DEMO_CFG.steps))[attack]
+        spec = report.default_attack_spec()
+        d = sim.synthetic_delta(DEMO_CFG, stage=ATTACK_STAGE)
+        kw.update(attack=spec, attack_kwargs=report.attack_kwargs(spec, d, ATTACK_STAGE, sch))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return sim.run(DEMO_CFG, seed, HOOKS, kw, val_batches=1)
+    finally:
+        torch.set_num_threads(n)

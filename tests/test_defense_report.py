@@ -25,6 +25,7 @@ def test_report_measures_every_detector_and_writes_json(tmp_path, capsys):
         settings=settings,
         json_path=path,
         attack_spec="fastdume.attack.inject:make_hooks",
+        stat_heldout=2,
     )
     out = capsys.readouterr().out
     assert "one-shot w=1.0" in out and "clean runs" in out and "cost" in out
@@ -35,6 +36,10 @@ def test_report_measures_every_detector_and_writes_json(tmp_path, capsys):
         assert det["recompute"]["rate"] == 0.0  # blind to weight-only injection, by design
     assert rep["attacks"]["one-shot w=1.0"]["detectors"]["replica"]["first_step_median"] == 8
     assert rep["clean"]["audit"]["false_positives"] == 0
+    # Statistical detectors: FPR over the held-out runs plus the extra ones; no shipped record
+    # for this tiny config, so the threshold comes from the report's own clean runs.
+    assert rep["clean"]["update_stats"]["runs"] == 4 and rep["clean"]["audit"]["runs"] == 2
+    assert rep["threshold_sources"]["update_stats"].startswith("Gumbel fit, 2 clean runs")
     assert rep["clean"]["replica"]["false_positives"] == 0
     assert rep["targets"]["audit_first_step_zero_fp"] is True
     assert set(rep["cost"]) == set(ORDER)

@@ -14,14 +14,14 @@ from fastdume.defense.update_stats import periodic_scores, spike_scores
 CLEAN_CALIB, CLEAN_HELDOUT = (0, 1, 2), (3,)
 
 
-def _np_spike(x, window, min_history):
+def _np_spike(x, window, min_history, min_scale=0.02):
     d = np.concatenate([[0.0], np.diff(np.asarray(x, dtype=np.float64))])
     out = np.zeros(len(x))
     for t in range(1, len(x)):
         h = d[max(1, t - window) : t]
         if len(h) >= min_history:
             med = np.median(h)
-            out[t] = (d[t] - med) / (np.median(np.abs(h - med)) * 1.4826 + 1e-3)
+            out[t] = (d[t] - med) / max(np.median(np.abs(h - med)) * 1.4826, min_scale)
     return out
 
 
@@ -30,6 +30,10 @@ def test_spike_scores_match_a_float64_reference():
     ref = _np_spike(x, window=9, min_history=9)  # odd windows: medians agree exactly
     got = spike_scores(x, window=9, min_history=9).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    # The scale floor binds where the changes are nearly equal (the MAD collapses).
+    flat = np.cumsum(np.r_[0.0, np.full(12, -0.05), 0.01])
+    got = spike_scores(flat, window=9, min_history=6, min_scale=0.02).numpy()
+    assert got[-1] == pytest.approx((0.01 + 0.05) / 0.02, rel=1e-9)
 
 
 def test_periodic_scores_pick_the_injection_period():

@@ -2,7 +2,8 @@
 
 - UpdateAudit: replays each optimiser step and compares with the stage's parameters (exact).
 - RecomputeSampler / PinnedRecompute: recompute sampled micro-batches of a stage's forward.
-- UpdateStats: spikes and periodic patterns in per-stage update norms.
+- UpdateStats: spikes and periodic patterns in per-stage update norms (threshold calibrated on
+  300 clean runs and shipped: ustats_calibration.py).
 - TrafficStats: running-average z-scores of activations sent and gradients received.
 - ReplicaFingerprint: data-parallel replicas of a stage must stay bitwise equal.
 

@@ -19,6 +19,9 @@ from .replica import replica_divergence
 HOOKS = "fastdume.defense.hooks:make_hooks"
 INJECT = "fastdume.defense.synthetic:injection_hooks"
 STATISTICAL = ("update_stats", "traffic")
+# Seeds: held-out clean runs 0.., the report's calibration 1000.., the statistical detectors'
+# extra held-out clean runs 2000.., the shipped update-statistics calibration 10000...
+STAT_HELDOUT_SEED = 2000
 ORDER = ("audit", "recompute", "recompute_pinned", "update_stats", "traffic", "replica")
 
 
@@ -167,6 +170,7 @@ def _summary_clean(runs, detector, thresholds):
         "false_positives": k,
         "fpr": k / len(runs),
         "ci95": calibrate.wilson_interval(k, len(runs)),
+        "upper95": calibrate.fpr_upper_bound(k, len(runs)),
     }
 
 
@@ -224,6 +228,8 @@ def run_defense_report(
     score_floor=3.0,
     attack_spec=None,
     cfg=None,
+    stat_heldout=None,
+    ustats_calibration="shipped",
 ):
     """Run clean and attacked trainings with every detector on, calibrate, measure, print a table.
 
@@ -236,15 +242,28 @@ def run_defense_report(
     statistical detectors (z units). attack_spec: the injection hook factory (default: the
     attack's fastdume.attack.inject:make_hooks when present, else the synthetic stand-in).
     cfg: a fastdume.defense.sim.SimConfig (model and training sizes; steps overrides its steps).
+    stat_heldout: extra held-out clean runs (seeds 2000 and up) with only the
+    statistical detectors, so their FPR is measured on seeds + stat_heldout runs (default 100,
+    quick 0). ustats_calibration: "shipped" takes the update-statistics threshold from
+    ustats_calibration.json when it holds a record for exactly this config on the in-process
+    driver (many clean runs; see ustats_calibration.py), else calibrates it like traffic's from
+    the `seeds` calibration runs; "report" always does the latter.
     Returns the numbers as a dict.
     """
     if not 0.0 < fpr < 1.0:
         raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    if ustats_calibration not in ("shipped", "report"):
+        raise ValueError(
+            f"ustats_calibration must be 'shipped' or 'report', got {ustats_calibration!r}"
+        )
     if replicas < 2:
         raise ValueError(f"replicas must be >= 2 for the replica runs, got {replicas}")
     t_start = time.perf_counter()
     seeds = seeds or (4 if quick else 20)
     attack_seeds = attack_seeds or (2 if quick else 5)
+    stat_heldout = (0 if quick else 100) if stat_heldout is None else stat_heldout
+    use_shipped = ustats_calibration == "shipped"
+    sim_driver = runner is None
     cfg = cfg or sim.SimConfig()
     cfg = replace(cfg, steps=steps or (30 if quick else 50))
     runner = runner or (lambda c, seed, spec, kw: sim.run(c, seed, spec, kw))
@@ -269,7 +288,21 @@ def run_defense_report(
             )
             for d in STATISTICAL
         }
+        sources = {d: f"Gumbel fit, {seeds} clean runs of this report" for d in STATISTICAL}
+        from . import ustats_calibration as ucal  # lazy: it also runs as __main__
+
+        rec = ucal.shipped(cfg, fpr)
+        if use_shipped and sim_driver and rec is not None:
+            thresholds["update_stats"] = rec["threshold"]
+            a, b = rec["seeds"]
+            sources["update_stats"] = (
+                f"shipped: {rec['runs']} clean runs (seeds {a}..{b - 1}), "
+                f"Gumbel tail at FPR {rec['fpr'] / rec['margin']:g}, >= their max"
+            )
         clean = run(cfg, range(seeds), base_kw, "clean")
+        stat_kw = {"detectors": list(STATISTICAL)}
+        extra = range(STAT_HELDOUT_SEED, STAT_HELDOUT_SEED + stat_heldout)
+        stat_clean = run(cfg, extra, stat_kw, "clean (statistical)")
         settings = settings or attack_settings(cfg.steps)
         attacks = {}
         for label, sched in settings:
@@ -296,6 +329,10 @@ def run_defense_report(
     report = _assemble(
         cfg, rcfg, fpr, thresholds, clean, attacks, rclean, rattacks, verifier, attack_stage, calib
     )
+    report["threshold_sources"] = sources
+    for d in STATISTICAL:  # the statistical detectors' FPR over every held-out clean run
+        report["clean"][d] = _summary_clean(clean + stat_clean, d, thresholds)
+    report["targets"] = _targets(report)
     report["wall_seconds"] = time.perf_counter() - t_start
     if verbose:
         print_report(report)
@@ -398,11 +435,14 @@ def print_report(rep):
         for c in cols
     ]
     print("cost".ljust(26) + "".join(x.rjust(w) for x in cost))
-    print(
-        "thresholds (calibrated for run-level FPR "
-        f"{rep['fpr_target']:g}): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in rep["thresholds"].items())
-    )
+    print(f"thresholds (calibrated for run-level FPR {rep['fpr_target']:g}):")
+    for k, v in rep["thresholds"].items():
+        src = rep.get("threshold_sources", {}).get(k, "")
+        c = rep["clean"][k]
+        print(
+            f"  {k} {v:.2f} ({src}); held-out clean: {c['false_positives']}/{c['runs']} flagged,"
+            f" FPR 95% upper bound {100 * c['upper95']:.1f}%"
+        )
     print(f"targets: {rep['targets']}")
 
 

@@ -4,7 +4,11 @@ Per stage and step the hook measures x_t = log(||theta_after - theta_before|| / 
 the learning rate removes warmup and decay, so an honest AdamW run gives a nearly flat series.
 Scores (pure functions, shared with calibration):
 - spike: robust z of the change x_t - x_{t-1} against the median and MAD of the changes of the
-  previous `window` steps;
+  previous `window` steps, the scale (1.4826 MAD) never below `min_scale` (log units: 0.02 is a
+  2% change of the update norm). Without that floor a few nearly equal changes early in
+  training make the MAD collapse and honest runs score 10-15 sigmas (measured: 2 of 20 held-out
+  clean runs flagged); with it, the per-run maximum of clean runs is close to Gumbel, so a
+  threshold for a 1% run-level FPR can be calibrated (ustats_calibration.py);
 - periodic: for each period F in [2, max_period], sqrt(K) * mean of the spike z at t, t-F, ...,
   t-(K-1)F; the maximum over F. Injection every F steps lines up; honest noise does not.
 Cost: one flat copy of the stage's parameters and one subtraction per step (no extra traffic).
@@ -16,10 +20,13 @@ import torch
 
 from ._base import DetectorHook, current_lr, flat_params
 
+MIN_SCALE = 0.02
 
-def spike_scores(x, window=20, min_history=6):
+
+def spike_scores(x, window=20, min_history=6, min_scale=MIN_SCALE):
     """Robust z-score of each step's change d_t = x_t - x_{t-1} against the changes of the
-    previous `window` steps (0 until min_history changes exist).
+    previous `window` steps (0 until min_history changes exist); the scale is
+    max(1.4826 * MAD, min_scale).
 
     Changes rather than levels: early in training the level still drifts (Adam's normalised
     step shrinks), which would inflate a level-based spread and hide a jump.
@@ -34,7 +41,7 @@ def spike_scores(x, window=20, min_history=6):
             continue
         med = hist.median()
         mad = (hist - med).abs().median() * 1.4826
-        z[t] = (d[t] - med) / (mad + 1e-3)
+        z[t] = (d[t] - med) / max(float(mad), min_scale)
     return z
 
 
@@ -53,9 +60,11 @@ def periodic_scores(z, max_period=12, repeats=4):
     return out
 
 
-def update_scores(log_norms, window=20, min_history=6, max_period=12, repeats=4):
+def update_scores(
+    log_norms, window=20, min_history=6, max_period=12, repeats=4, min_scale=MIN_SCALE
+):
     """{'spike': [...], 'periodic': [...]} for one stage's series of log(update norm / lr)."""
-    z = spike_scores(log_norms, window, min_history)
+    z = spike_scores(log_norms, window, min_history, min_scale)
     return {"spike": z.tolist(), "periodic": periodic_scores(z, max_period, repeats).tolist()}
 
 
