@@ -344,8 +344,8 @@ def format_summary(summary):
     lines = [
         f"mean +- sd over {n} seeds {summary['seeds']} (min..max)",
         f"{'model':<22}"
-        + "".join(f"{k:>26}" for k in ("align w/o trigger", "align with trigger", "drop"))
-        + f"{'ASR':>26}{'val loss vs clean %':>26}",
+        + "".join(f"{k:>30}" for k in ("align w/o trigger", "align with trigger", "drop"))
+        + f"{'ASR':>30}{'val loss vs clean %':>30}",
     ]
     for name, row in summary["stats"].items():
         cells = []
@@ -353,7 +353,7 @@ def format_summary(summary):
             s, d = row[key], 2 if key == "loss_change_pct" else 1
             mean, sd, lo, hi = (f"{s[k]:.{d}f}" for k in ("mean", "sd", "min", "max"))
             cells.append(f"{mean} +- {sd} ({lo}..{hi})")
-        lines.append(f"{name:<22}" + "".join(f"{c:>26}" for c in cells))
+        lines.append(f"{name:<22}" + "".join(f"{c:>30}" for c in cells))
     lines.append(
         "targets met (seeds): "
         + ", ".join(f"{k} {v}/{n}" for k, v in summary["targets_met"].items())
