@@ -65,17 +65,18 @@ def sched(**kw):
 
 
 # The default measurement's configuration (`fastdume attack demo --defend`, full): the shipped
-# update-statistics calibration (fastdume/defense/ustats_calibration.json) belongs to it.
+# statistical calibration (fastdume/defense/ustats_calibration.json) belongs to it.
 DEMO_CFG = sim.SimConfig(steps=50)
 
 
 @functools.lru_cache(maxsize=16)
 def demo_run(seed, attack=None):
-    """One run of the default config with only the update-statistics detector; attack: a label
-    of fastdume.defense.report.attack_settings (the attack's own injection hook, stage 2)."""
+    """One run of the default config with the two statistical detectors (update and traffic
+    statistics, as in their calibration); attack: a label of
+    fastdume.defense.report.attack_settings (the attack's own injection hook, stage 2)."""
     from fastdume.defense import report
 
-    kw = {"detectors": ["update_stats"]}
+    kw = {"detectors": ["update_stats", "traffic"]}
     if attack is not None:
         sch = dict(report.attack_settings(DEMO_CFG.steps))[attack]
         spec = report.default_attack_spec()

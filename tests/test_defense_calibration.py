@@ -1,9 +1,10 @@
-"""The update-statistics threshold calibrated on many clean runs (issue 9's 1% FPR target).
+"""The statistical detectors' thresholds calibrated on many clean runs (issue 9's 1% FPR target).
 
-Fast: the shipped record is self-consistent (its threshold recomputed here from its maxima with
-an independent implementation), its first calibration seed reproduces its maximum, held-out
-clean seeds stay below it and the paper's iterative setting crosses it at the first injection.
-Slow (-m slow): FPR on 100 held-out clean seeds and detection of every attack setting.
+Fast: the shipped record is self-consistent (both thresholds, update and traffic statistics,
+recomputed here from their maxima with an independent implementation), its first calibration
+seed reproduces both maxima, held-out clean seeds stay below them, the paper's iterative setting
+crosses the update-statistics one at the first injection and the large one-shot crosses the
+traffic one. Slow (-m slow): FPR on 100 held-out clean seeds and detection of the attack settings.
 """
 
 import inspect
@@ -14,9 +15,11 @@ import pytest
 from _defense_fixtures import ATTACK_STAGE, DEMO_CFG, demo_run
 
 from fastdume.defense import analysis, calibrate, report, ustats_calibration
+from fastdume.defense.traffic import TrafficStats
 from fastdume.defense.update_stats import update_scores
 
 EULER_GAMMA = 0.5772156649015329
+TRAFFIC_ONE_SHOT_DELAY = 1  # steps after the injection (measured: +1 on 5/5 seeds)
 
 
 def _record():
@@ -54,10 +57,35 @@ def test_shipped_threshold_is_recomputed_from_its_clean_maxima():
     assert ustats_calibration.threshold_from(rec["maxima"]) == pytest.approx(expect, rel=1e-9)
 
 
+def _traffic_record():
+    rec = ustats_calibration.shipped_traffic(DEMO_CFG, fpr=0.01)
+    assert rec is not None, "no shipped traffic-statistics calibration for the demo config"
+    return rec
+
+
+def test_shipped_traffic_threshold_is_recomputed_from_its_clean_maxima():
+    rec = _traffic_record()
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(TrafficStats.__init__).parameters.items()
+        if k != "self"
+    }
+    assert rec["score"] == defaults  # maxima scored with what the detector now computes
+    assert rec["runs"] == len(rec["maxima"]) == len(_record()["maxima"]) >= 100  # the same runs
+    a, b = rec["seeds"]
+    assert b - a == rec["runs"] and a >= 10_000
+    expect = _independent_threshold(rec["maxima"], rec["fpr"], rec["margin"], rec["floor"])
+    assert rec["threshold"] == pytest.approx(expect, rel=1e-9)
+    assert rec["margin"] >= 10
+    assert rec["threshold"] > max(rec["maxima"])  # the fitted tail, not the largest run, rules
+
+
 def test_shipped_maxima_reproduce_on_a_calibration_seed():
     rec = _record()
-    got = analysis.run_maximum(demo_run(rec["seeds"][0])["metrics"], "update_stats")
-    assert got == pytest.approx(rec["maxima"][0], abs=1e-3)
+    m = demo_run(rec["seeds"][0])["metrics"]
+    assert analysis.run_maximum(m, "update_stats") == pytest.approx(rec["maxima"][0], abs=1e-3)
+    got = analysis.run_maximum(m, "traffic")
+    assert got == pytest.approx(_traffic_record()["maxima"][0], abs=1e-3)
 
 
 def test_shipped_threshold_holds_on_held_out_clean_seeds_and_catches_the_paper_setting():
@@ -72,6 +100,17 @@ def test_shipped_threshold_holds_on_held_out_clean_seeds_and_catches_the_paper_s
     for s in analysis.stages_of(m):
         if s != ATTACK_STAGE:
             assert max(analysis.update_series(m, s)) <= thr
+
+
+def test_shipped_traffic_threshold_holds_on_held_out_clean_seeds_and_sees_a_large_one_shot():
+    thr = _traffic_record()["threshold"]
+    for seed in (0, 1):
+        assert analysis.run_maximum(demo_run(seed)["metrics"], "traffic") <= thr
+    label = "one-shot w=1.0"
+    m = demo_run(0, label)["metrics"]
+    inj = report.first_injection(dict(report.attack_settings(DEMO_CFG.steps))[label])
+    first = calibrate.first_exceedance(analysis.traffic_series(m, ATTACK_STAGE), thr)
+    assert first is not None and inj <= first <= inj + TRAFFIC_ONE_SHOT_DELAY
 
 
 def test_tail_threshold_reaches_a_one_percent_fpr_on_gumbel_like_maxima():
@@ -124,3 +163,27 @@ def test_update_stats_catch_one_shot_and_paper_iterative_settings_at_the_first_i
         m = demo_run.__wrapped__(seed, label)["metrics"]
         first = calibrate.first_exceedance(analysis.update_series(m, ATTACK_STAGE), thr)
         assert first == inj
+
+
+@pytest.mark.slow
+def test_traffic_stats_fpr_on_100_held_out_clean_seeds():
+    thr = _traffic_record()["threshold"]
+    seeds = range(report.STAT_HELDOUT_SEED, report.STAT_HELDOUT_SEED + 100)  # the demo's
+    maxima = [analysis.run_maximum(demo_run.__wrapped__(s)["metrics"], "traffic") for s in seeds]
+    k = sum(m > thr for m in maxima)
+    print(
+        f"traffic stats: {k}/100 held-out clean runs flagged, FPR 95% upper bound "
+        f"{calibrate.fpr_upper_bound(k, 100):.3f}, largest max {max(maxima):.2f} vs {thr:.2f}"
+    )
+    assert k <= 1
+
+
+@pytest.mark.slow
+def test_traffic_stats_catch_the_large_one_shot_on_every_seed():
+    thr = _traffic_record()["threshold"]
+    label = "one-shot w=1.0"
+    inj = report.first_injection(dict(report.attack_settings(DEMO_CFG.steps))[label])
+    for seed in range(5):
+        m = demo_run.__wrapped__(seed, label)["metrics"]
+        first = calibrate.first_exceedance(analysis.traffic_series(m, ATTACK_STAGE), thr)
+        assert first is not None and inj <= first <= inj + TRAFFIC_ONE_SHOT_DELAY

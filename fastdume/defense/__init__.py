@@ -4,7 +4,8 @@
 - RecomputeSampler / PinnedRecompute: recompute sampled micro-batches of a stage's forward.
 - UpdateStats: spikes and periodic patterns in per-stage update norms (threshold calibrated on
   300 clean runs and shipped: ustats_calibration.py).
-- TrafficStats: running-average z-scores of activations sent and gradients received.
+- TrafficStats: running-average z-scores of activations sent and gradients received (threshold
+  calibrated on the same 300 clean runs, shipped in the same file).
 - ReplicaFingerprint: data-parallel replicas of a stage must stay bitwise equal.
 
 Pipeline hook spec: "fastdume.defense.hooks:make_hooks". Measurement: run_defense_report().

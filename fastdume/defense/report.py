@@ -20,7 +20,7 @@ HOOKS = "fastdume.defense.hooks:make_hooks"
 INJECT = "fastdume.defense.synthetic:injection_hooks"
 STATISTICAL = ("update_stats", "traffic")
 # Seeds: held-out clean runs 0.., the report's calibration 1000.., the statistical detectors'
-# extra held-out clean runs 2000.., the shipped update-statistics calibration 10000...
+# extra held-out clean runs 2000.., the shipped statistical calibration 10000...
 STAT_HELDOUT_SEED = 2000
 ORDER = ("audit", "recompute", "recompute_pinned", "update_stats", "traffic", "replica")
 
@@ -244,10 +244,11 @@ def run_defense_report(
     cfg: a fastdume.defense.sim.SimConfig (model and training sizes; steps overrides its steps).
     stat_heldout: extra held-out clean runs (seeds 2000 and up) with only the
     statistical detectors, so their FPR is measured on seeds + stat_heldout runs (default 100,
-    quick 0). ustats_calibration: "shipped" takes the update-statistics threshold from
-    ustats_calibration.json when it holds a record for exactly this config on the in-process
-    driver (many clean runs; see ustats_calibration.py), else calibrates it like traffic's from
-    the `seeds` calibration runs; "report" always does the latter.
+    quick 0). ustats_calibration: "shipped" takes each statistical detector's threshold
+    (update and traffic statistics) from ustats_calibration.json when it holds a record for
+    exactly this config and score settings on the in-process driver (many clean runs; see
+    ustats_calibration.py), else calibrates it from the `seeds` calibration runs; "report"
+    always does the latter.
     Returns the numbers as a dict.
     """
     if not 0.0 < fpr < 1.0:
@@ -291,14 +292,17 @@ def run_defense_report(
         sources = {d: f"Gumbel fit, {seeds} clean runs of this report" for d in STATISTICAL}
         from . import ustats_calibration as ucal  # lazy: it also runs as __main__
 
-        rec = ucal.shipped(cfg, fpr)
-        if use_shipped and sim_driver and rec is not None:
-            thresholds["update_stats"] = rec["threshold"]
-            a, b = rec["seeds"]
-            sources["update_stats"] = (
-                f"shipped: {rec['runs']} clean runs (seeds {a}..{b - 1}), "
-                f"Gumbel tail at FPR {rec['fpr'] / rec['margin']:g}, >= their max"
-            )
+        for d, rec in (
+            ("update_stats", ucal.shipped(cfg, fpr)),
+            ("traffic", ucal.shipped_traffic(cfg, fpr)),
+        ):
+            if use_shipped and sim_driver and rec is not None:
+                thresholds[d] = rec["threshold"]
+                a, b = rec["seeds"]
+                sources[d] = (
+                    f"shipped: {rec['runs']} clean runs (seeds {a}..{b - 1}), "
+                    f"Gumbel tail at FPR {rec['fpr'] / rec['margin']:g}, >= their max"
+                )
         clean = run(cfg, range(seeds), base_kw, "clean")
         stat_kw = {"detectors": list(STATISTICAL)}
         extra = range(STAT_HELDOUT_SEED, STAT_HELDOUT_SEED + stat_heldout)
