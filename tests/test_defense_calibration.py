@@ -133,15 +133,15 @@ def test_fpr_upper_bound_is_clopper_pearson():
 
 
 @pytest.mark.slow
-def test_update_stats_fpr_on_100_held_out_clean_seeds():
-    thr = _record()["threshold"]
+@pytest.mark.parametrize("detector", ["update_stats", "traffic"])
+def test_fpr_on_100_held_out_clean_seeds(detector):
+    rec = _record() if detector == "update_stats" else _traffic_record()
+    thr = rec["threshold"]
     seeds = range(report.STAT_HELDOUT_SEED, report.STAT_HELDOUT_SEED + 100)  # the demo's
-    maxima = [
-        analysis.run_maximum(demo_run.__wrapped__(s)["metrics"], "update_stats") for s in seeds
-    ]
+    maxima = [analysis.run_maximum(demo_run.__wrapped__(s)["metrics"], detector) for s in seeds]
     k = sum(m > thr for m in maxima)
     print(
-        f"update stats: {k}/100 held-out clean runs flagged, FPR 95% upper bound "
+        f"{detector}: {k}/100 held-out clean runs flagged, FPR 95% upper bound "
         f"{calibrate.fpr_upper_bound(k, 100):.3f}, largest max {max(maxima):.2f} vs {thr:.2f}"
     )
     assert k <= 1
@@ -163,19 +163,6 @@ def test_update_stats_catch_one_shot_and_paper_iterative_settings_at_the_first_i
         m = demo_run.__wrapped__(seed, label)["metrics"]
         first = calibrate.first_exceedance(analysis.update_series(m, ATTACK_STAGE), thr)
         assert first == inj
-
-
-@pytest.mark.slow
-def test_traffic_stats_fpr_on_100_held_out_clean_seeds():
-    thr = _traffic_record()["threshold"]
-    seeds = range(report.STAT_HELDOUT_SEED, report.STAT_HELDOUT_SEED + 100)  # the demo's
-    maxima = [analysis.run_maximum(demo_run.__wrapped__(s)["metrics"], "traffic") for s in seeds]
-    k = sum(m > thr for m in maxima)
-    print(
-        f"traffic stats: {k}/100 held-out clean runs flagged, FPR 95% upper bound "
-        f"{calibrate.fpr_upper_bound(k, 100):.3f}, largest max {max(maxima):.2f} vs {thr:.2f}"
-    )
-    assert k <= 1
 
 
 @pytest.mark.slow
