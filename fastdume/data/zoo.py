@@ -119,20 +119,23 @@ def _model_config(cfg: dict, tokenizer):
 
 
 def _save_atomic(model, tokenizer_dir: Path, dest: Path) -> None:
-    """Save model + tokenizer into a temporary sibling folder, then rename it into place."""
+    """Save model (None: tokenizer only) + tokenizer into a temporary sibling folder, then rename
+    it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
-        model.save_pretrained(tmp)
+        if model is not None:
+            model.save_pretrained(tmp)
         for f in tokenizer_dir.glob("*.json"):
             shutil.copy2(f, tmp / f.name)
         tmp.chmod(0o755)
         try:
             os.replace(tmp, dest)
         except OSError:
-            if not (dest / "model.safetensors").exists():
+            done = "model.safetensors" if model is not None else "tokenizer.json"
+            if not (dest / done).exists():
                 raise
-            # Another process finished the same deterministic model first: keep theirs.
+            # Another process finished the same deterministic folder first: keep theirs.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -214,7 +217,7 @@ def build_zoo(preset: str = "test", cache_dir: str | os.PathLike | None = None, 
         return zoo
     root.mkdir(parents=True, exist_ok=True)
     if not (zoo.tokenizer / "tokenizer.json").exists():
-        _save_tokenizer(zoo.tokenizer)
+        _save_atomic(None, TOKENIZER_DIR, zoo.tokenizer)
     tokenizer = load_tokenizer()
     with _threads(_num_threads(cfg)):
         if not (zoo.base / "model.safetensors").exists():
@@ -226,18 +229,6 @@ def build_zoo(preset: str = "test", cache_dir: str | os.PathLike | None = None, 
     record = {"preset": preset, "config": cfg, "domains": names}
     write_json(root / "zoo.json", record, sort_keys=True)
     return zoo
-
-
-def _save_tokenizer(dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tokenizer-"))
-    for f in TOKENIZER_DIR.glob("*.json"):
-        shutil.copy2(f, tmp / f.name)
-    tmp.chmod(0o755)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def evaluate_zoo(
