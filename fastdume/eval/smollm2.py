@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fastdume._atomic import write_json
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -94,7 +96,7 @@ def _expert(cfg, tok, base: Path, domain: str, index: int, dest: Path):
     seconds = time.perf_counter() - start
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
-    (dest / "train.json").write_text(json.dumps({"seconds": seconds, "losses": losses}))
+    write_json(dest / "train.json", {"seconds": seconds, "losses": losses})  # marks it done
     return seconds
 
 
@@ -208,7 +210,7 @@ def main(argv=None):
     print(markdown(res))
     print(json.dumps(res["timings"]))
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+        write_json(a.json, res, indent=1, default=str)
     return res
 
 
