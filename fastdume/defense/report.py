@@ -2,15 +2,14 @@
 attack setting, false positives on clean runs, and cost. `run_defense_report` is what
 `fastdume attack demo --defend` calls."""
 
-import json
-import os
 import statistics
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
+
+from fastdume import _atomic
 
 from . import analysis, calibrate, sim
 from .recompute import llama_stage_forward, verify_recompute
@@ -462,12 +461,4 @@ def _jsonable(x):
 
 def write_json(report, path):
     """Write the report through a temporary name, so a crash never leaves half a file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(report), f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic.write_json(path, _jsonable(report))

@@ -35,6 +35,8 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from fastdume._atomic import write_json
+
 from . import analysis, calibrate, sim
 from .traffic import TrafficStats
 from .update_stats import MIN_SCALE
@@ -140,11 +142,7 @@ def shipped_traffic(cfg, fpr=FPR, path=DATA):
 
 
 def _write(recs, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"records": recs}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, {"records": recs}, indent=1)
 
 
 def main(argv=None):
