@@ -56,8 +56,17 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _base(cfg, root: Path):
-    """Dequantise the GGUF once into a transformers folder (fp32) -> (path, tokenizer)."""
+def cache_dir(cache_dir: str | None = None) -> Path:
+    """Where the dequantised base and the fine-tuned experts are kept."""
+    from fastdume.data.zoo import cache_root
+
+    return cache_root(cache_dir) / "smollm2"
+
+
+def base_model(root: Path):
+    """Dequantise the GGUF once into `root`/base, a transformers folder (fp32) -> (path, tokenizer).
+
+    Shared by the DUME evaluation here and the attack's realistic tier."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = package_dir()
@@ -104,7 +113,6 @@ def run(cfg: SmolConfig) -> dict:
     import fastdume  # noqa: F401  (registers DUME with transformers)
     from fastdume.commands.demo import _load_dense
     from fastdume.data import batches
-    from fastdume.data.zoo import cache_root
     from fastdume.eval.baselines import uniform_average
     from fastdume.eval.build import oracle_stats
     from fastdume.eval.metrics import evaluate, retention
@@ -115,10 +123,10 @@ def run(cfg: SmolConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     key = f"s{cfg.steps}-lr{cfg.lr:g}-L{cfg.seq_len}-B{cfg.batch_size}-seed{cfg.seed}"
-    root = cache_root(cfg.cache_dir) / "smollm2"
+    root = cache_dir(cfg.cache_dir)
     domains = list(cfg.domains)
     _log(f"base: dequantising {GGUF} (cached under {root})")
-    base, tok = _base(cfg, root)
+    base, tok = base_model(root)
     timings = {"base_load_s": round(time.perf_counter() - t0, 1), "finetune_s": {}}
     experts = {d: root / key / d for d in domains}
     for i, d in enumerate(domains):
