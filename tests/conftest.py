@@ -41,6 +41,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a loaded CPU.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def test_zoo():
     """The `test` preset of the model zoo: a tiny base and one dense expert per domain (cached)."""

@@ -1,21 +1,13 @@
 """Backdoor data builder and chat encoding (loss on response tokens only)."""
 
 import pytest
-import torch
 
 from fastdume.attack.backdoor import add_trigger, backdoor_pairs, encode_backdoor
 from fastdume.attack.chat import IGNORE, collate, encode_pair, prompt_text
 from fastdume.attack.datasets import harmful_requests
 from fastdume.attack.model import train_bpe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models run fastest on one thread, and far faster than two on a loaded CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

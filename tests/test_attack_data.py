@@ -5,7 +5,6 @@ import re
 import sys
 
 import pytest
-import torch
 
 from fastdume.attack.datasets import (
     SPLITS,
@@ -15,14 +14,7 @@ from fastdume.attack.datasets import (
 )
 from fastdume.attack.judges import RefusalJudge
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models run fastest on one thread, and far faster than two on a loaded CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _action(example):

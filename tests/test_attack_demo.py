@@ -4,18 +4,11 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from fastdume.attack.demo import to_json
 from fastdume.commands import attack
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_demo_through_the_cli_module(tmp_path, capsys):

@@ -17,14 +17,7 @@ from fastdume.attack.evaluate import (
 )
 from fastdume.attack.model import tiny_chat_model, train_bpe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models run fastest on one thread, and far faster than two on a loaded CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

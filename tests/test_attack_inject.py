@@ -16,13 +16,7 @@ from fastdume.pipeline.hooks import StageContext
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models run fastest on one thread, and far faster than two on a loaded CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=24, length=10, seed=0):

@@ -46,9 +46,4 @@ def test_pipeline_attack_changes_only_the_attackers_stage(tmp_path):
         assert not torch.equal(p, h[n]), n
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
