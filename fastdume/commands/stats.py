@@ -47,9 +47,11 @@ def _distributed():
     import torch
     import torch.distributed as dist
 
+    from fastdume._dist import process_group_backend
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(process_group_backend(torch.cuda.is_available(), world))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastdume._dist import process_group_backend
 from fastdume.pipeline import checkpoint
 from fastdume.pipeline.data import IGNORE, build_source
 from fastdume.pipeline.hooks import StageContext, load_hooks
@@ -381,10 +382,8 @@ def _save_hook_messages(cfg, stage):
 
 def init_and_run(cfg, rank, world):
     # activations always travel through host memory (gloo); on GPUs the replica and tie
-    # reductions of CUDA tensors go through NCCL, which refuses two ranks on one GPU, so ranks
-    # that share a GPU reduce through gloo too
-    shared_gpu = cfg.device != "cpu" and world > torch.cuda.device_count()
-    backend = "gloo" if cfg.device == "cpu" or shared_gpu else "cpu:gloo,cuda:nccl"
+    # reductions of CUDA tensors go through NCCL where it can
+    backend = process_group_backend(cfg.device != "cpu", world)
     dist.init_process_group(
         backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout)
     )
