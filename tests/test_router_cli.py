@@ -29,7 +29,9 @@ def setup(tmp_path_factory):
 
 
 def _stats(root, texts, domain, out, *extra):
+    # on the CPU like the Python reference below (the command's default is a GPU when present)
     args = ["stats", str(root / "dume"), "--domain", domain, "--text", str(texts[domain])]
+    args += ["--device", "cpu"]
     return main([*args, "--out", str(out), "--seq-len", "32", "--no-progress", *extra])
 
 
