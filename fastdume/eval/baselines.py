@@ -4,8 +4,9 @@ import torch
 
 from fastdume.commands.demo import _load_dense, _uniform_average
 
-__all__ = ["random_routers", "task_arithmetic", "uniform_average"]
+__all__ = ["load_dense", "random_routers", "task_arithmetic", "uniform_average"]
 
+load_dense = _load_dense  # a saved dense model folder -> the model, in eval mode
 uniform_average = _uniform_average
 
 
@@ -13,11 +14,11 @@ def task_arithmetic(base_path, expert_paths, alpha):
     """base + alpha * sum_e (expert_e - base), over every parameter (fp32 accumulation)."""
     if not expert_paths:
         raise ValueError("expert_paths must name at least one expert, got none")
-    model = _load_dense(base_path)
+    model = load_dense(base_path)
     base = {k: v.float().clone() for k, v in model.state_dict().items()}
     delta = {k: torch.zeros_like(v) for k, v in base.items()}
     for path in expert_paths:
-        for k, v in _load_dense(path).state_dict().items():
+        for k, v in load_dense(path).state_dict().items():
             delta[k] += v.float() - base[k]
     with torch.no_grad():
         for k, v in model.state_dict().items():

@@ -6,11 +6,10 @@ import time
 
 import torch
 
-from fastdume.eval import baselines
+from fastdume.eval import methods
 from fastdume.eval.build import build_dume, fit_sequential, nested_oracle_stats, set_top_k
-from fastdume.eval.finetune import WEIGHTINGS, train_model
-from fastdume.eval.metrics import evaluate, mean_nll, retention
-from fastdume.moe import forced_expert
+from fastdume.eval.finetune import WEIGHTINGS
+from fastdume.eval.metrics import evaluate, retention
 from fastdume.router import fit_router
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
@@ -80,82 +79,36 @@ def _log(msg):
     print(msg, flush=True)
 
 
-def _record(results, name, res, dense_own, **notes):
-    entry = {**res, "retention": retention(dense_own, res["ppl"]), **notes}
-    results["methods"][name] = entry
-    r = entry["retention"]
-    _log(f"  {name}: mean retention {r['mean']:.2%}, worst {r['worst']:.2%}")
-    return entry
-
-
-def _oracle(model, batches_of, domains):
-    ppl, tok_s = {}, []
-    for e, d in enumerate(domains):
-        with forced_expert(model, e):
-            res = evaluate(model, batches_of, [d])
-        ppl[d] = res["ppl"][d]
-        tok_s.append(res["tokens_per_s"])
-    return {"ppl": ppl, "routing": None, "tokens_per_s": sum(tok_s) / len(tok_s)}
-
-
-def _baselines(cfg, zoo, batches_of, results, dense_own):
+def _baselines(cfg, zoo, bench):
     paths = [zoo.experts[d] for d in zoo.domains]
-    _log("uniform weight averaging")
-    avg = baselines.uniform_average(paths)
-    _record(results, "uniform averaging", evaluate(avg, batches_of, zoo.domains), dense_own)
-    _log(f"task arithmetic: tuning alpha over {list(cfg.alphas)} on validation")
-    scores = {}
-    for alpha in cfg.alphas:
-        model = baselines.task_arithmetic(zoo.base, paths, alpha)
-        scores[alpha] = mean_nll(evaluate(model, batches_of, zoo.domains, "validation")["ppl"])
-    best = min(scores, key=scores.get)
-    model = baselines.task_arithmetic(zoo.base, paths, best)
-    res = evaluate(model, batches_of, zoo.domains)
-    _record(results, "task arithmetic", res, dense_own, alpha=best,
-            validation_mean_log_ppl={str(a): s for a, s in scores.items()})  # fmt: skip
+    methods.uniform_averaging(bench, paths)
+    methods.task_arithmetic(bench, zoo.base, paths, cfg.alphas)
 
 
-def _dume_variants(cfg, dume, batches_of, domains, results, dense_own):
-    _record(results, "MoE oracle routing", _oracle(dume, batches_of, domains), dense_own)
-    rand = baselines.random_routers(copy.deepcopy(dume), seed=cfg.seed)
-    _record(results, "MoE random routing", evaluate(rand, batches_of, domains, routing=True),
-            dense_own)  # fmt: skip
-    _record(results, "DUME k=1", evaluate(dume, batches_of, domains, routing=True), dense_own)
-    k2 = set_top_k(copy.deepcopy(dume), 2)
-    _record(results, "DUME k=2", evaluate(k2, batches_of, domains, routing=True), dense_own)
+def _dume_variants(cfg, dume, bench):
+    methods.moe_oracle(bench, dume)
+    rand = methods.moe_random(bench, dume, cfg.seed)
+    methods.dume_top_k(bench, dume, 1)
+    k2 = methods.dume_top_k(bench, dume, 2)
     return rand, k2
 
 
-def _trained(cfg, dume, rand, k2, batches_of, domains, results, dense_own):
-    def score(model):  # checkpoint selection on validation data, never on test
-        return mean_nll(evaluate(model, batches_of, domains, "validation")["ppl"])
-
-    w = cfg.weighting
+def _trained(cfg, dume, rand, k2, bench):
+    w, steps, lr = cfg.weighting, cfg.router_steps, cfg.router_lr
     runs = [
-        ("DUME+", dume, "router", cfg.router_steps, cfg.router_lr, w),
+        methods.TrainRun("DUME+", dume, "router", steps, lr, w),
         # With k=2 the model's own weights (softmax over the two) already compare experts.
-        ("DUME+ k=2", k2, "router", cfg.router_steps, cfg.router_lr, "topk"),
-        ("BTX-style", rand, "router", cfg.router_steps, cfg.router_lr, w),
-        ("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
+        methods.TrainRun("DUME+ k=2", k2, "router", steps, lr, "topk"),
+        methods.TrainRun("BTX-style", rand, "router", steps, lr, w),
+        methods.TrainRun("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
     ]
-    for name, start, which, steps, lr, weighting in runs:
-        _log(f"{name}: {which} training, {steps} steps, lr {lr}, weighting {weighting!r}")
-        torch.manual_seed(cfg.seed)
-        model = copy.deepcopy(start)
-        losses, chosen = train_model(
-            model, batches_of, domains, steps, lr, which, weighting, progress=cfg.progress,
-            desc=name, score=score, checkpoints=cfg.checkpoints,
-        )  # fmt: skip
-        results["curves"][name] = losses
-        res = evaluate(model, batches_of, domains, routing=True)
-        _record(results, name, res, dense_own, weighting=weighting, steps=steps, lr=lr,
-                trained=which, selection=chosen)  # fmt: skip
+    for run in runs:
+        methods.trained(bench, run, seed=cfg.seed, checkpoints=cfg.checkpoints)
 
 
 def run_eval(cfg):
     """Run every method; returns the results dict (also the JSON of `fastdume eval`)."""
     import fastdume  # noqa: F401  (registers DUME with transformers)
-    from fastdume.commands.demo import _load_dense
     from fastdume.data import batches, load_tokenizer
     from fastdume.data.zoo import build_zoo
 
@@ -177,22 +130,20 @@ def run_eval(cfg):
     results = {"config": {**dataclasses.asdict(cfg), "alphas": list(cfg.alphas),
                           "ablation_tokens": list(cfg.ablation_tokens)},
                "domains": list(zoo.domains), "cross": {}, "methods": {}, "curves": {}}  # fmt: skip
+    bench = methods.Bench(batches_of, list(zoo.domains), results, _log, cfg.progress)
     _log("dense experts on every domain (test split)")
-    for d in zoo.domains:
-        res = evaluate(_load_dense(zoo.experts[d]), batches_of, zoo.domains)
-        results["cross"][d] = res["ppl"]
-        results.setdefault("dense_tokens_per_s", {})[d] = res["tokens_per_s"]
-    dense_own = {d: results["cross"][d][d] for d in zoo.domains}
-    results["dense_own"] = dense_own
+    dense = methods.dense_cross(bench, {d: zoo.experts[d] for d in zoo.domains})
+    results["dense_tokens_per_s"] = {d: res["tokens_per_s"] for d, res in dense.items()}
+    dense_own = results["dense_own"] = bench.dense_own
     if not cfg.routers_only:
-        _baselines(cfg, zoo, batches_of, results, dense_own)
+        _baselines(cfg, zoo, bench)
     _log(f"DUME: upcycle, {cfg.stats_mode} statistics ({cfg.stats_tokens:,} tokens/domain), fit")
     grid = cfg.ablation_tokens if cfg.ablations else ()
     dume, stats = build_dume(zoo, batches_of, cfg.stats_tokens, cfg.solve_kwargs(),
                              cfg.stats_mode, cfg.progress, token_grid=grid)  # fmt: skip
-    rand, k2 = _dume_variants(cfg, dume, batches_of, zoo.domains, results, dense_own)
+    rand, k2 = _dume_variants(cfg, dume, bench)
     if not cfg.routers_only:
-        _trained(cfg, dume, rand, k2, batches_of, zoo.domains, results, dense_own)
+        _trained(cfg, dume, rand, k2, bench)
     if cfg.ablations:
         results["ablations"] = run_ablations(cfg, zoo, dume, stats, batches_of, dense_own)
     results["seconds"] = round(time.perf_counter() - start, 1)

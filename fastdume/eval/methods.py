@@ -1,0 +1,134 @@
+"""One public function per evaluated method, shared by `fastdume eval` and the SmolLM2 tier.
+
+Every function scores its model on `bench`'s test batches and records a row (perplexity,
+retention of the dense experts, notes) in `bench.results["methods"]`; the models that later
+methods start from are returned.
+"""
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from fastdume.eval import baselines
+from fastdume.eval.build import set_top_k
+from fastdume.eval.finetune import train_model
+from fastdume.eval.metrics import evaluate, mean_nll, retention
+from fastdume.moe import forced_expert
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every method shares: the data, the domains, the results dict and the logger.
+
+    batches_of(domain, split) -> iterable of batches; results holds "methods" and "curves";
+    dense_own (each dense expert's test ppl on its own domain) is set by `dense_cross`.
+    """
+
+    batches_of: Callable
+    domains: list
+    results: dict
+    log: Callable = print
+    progress: bool = True
+    dense_own: dict | None = None
+
+    def record(self, name, res, **notes):
+        entry = {**res, "retention": retention(self.dense_own, res["ppl"]), **notes}
+        self.results["methods"][name] = entry
+        r = entry["retention"]
+        self.log(f"  {name}: mean retention {r['mean']:.2%}, worst {r['worst']:.2%}")
+        return entry
+
+    def validation_score(self, model):
+        """Mean log-ppl on the validation split: selects alphas and checkpoints, never test."""
+        return mean_nll(evaluate(model, self.batches_of, self.domains, "validation")["ppl"])
+
+
+def dense_cross(bench, models):
+    """models: {row name: dense model folder}; each is scored on every domain -> {name: result}.
+
+    Fills results["cross"] and sets bench.dense_own from the rows named after a domain.
+    """
+    out = {}
+    for name, path in models.items():
+        out[name] = evaluate(baselines.load_dense(path), bench.batches_of, bench.domains)
+        bench.results["cross"][name] = out[name]["ppl"]
+    bench.dense_own = {d: bench.results["cross"][d][d] for d in bench.domains}
+    return out
+
+
+def uniform_averaging(bench, paths):
+    bench.log("uniform weight averaging")
+    model = baselines.uniform_average(list(paths))
+    return bench.record("uniform averaging", evaluate(model, bench.batches_of, bench.domains))
+
+
+def task_arithmetic(bench, base, paths, alphas):
+    """base + alpha * sum(expert - base), alpha chosen on validation."""
+    bench.log(f"task arithmetic: tuning alpha over {list(alphas)} on validation")
+    paths = list(paths)
+    scores = {a: bench.validation_score(baselines.task_arithmetic(base, paths, a)) for a in alphas}
+    best = min(scores, key=scores.get)
+    model = baselines.task_arithmetic(base, paths, best)
+    res = evaluate(model, bench.batches_of, bench.domains)
+    return bench.record("task arithmetic", res, alpha=best,
+                        validation_mean_log_ppl={str(a): s for a, s in scores.items()})  # fmt: skip
+
+
+def moe_oracle(bench, dume):
+    """Each domain's tokens forced to its own expert: the ceiling for any router."""
+    ppl, tok_s = {}, []
+    for e, d in enumerate(bench.domains):
+        with forced_expert(dume, e):
+            res = evaluate(dume, bench.batches_of, [d])
+        ppl[d] = res["ppl"][d]
+        tok_s.append(res["tokens_per_s"])
+    res = {"ppl": ppl, "routing": None, "tokens_per_s": sum(tok_s) / len(tok_s)}
+    return bench.record("MoE oracle routing", res)
+
+
+def moe_random(bench, dume, seed):
+    """A copy of `dume` with Gaussian routers -> the model (BTX-style training starts there)."""
+    rand = baselines.random_routers(copy.deepcopy(dume), seed=seed)
+    res = evaluate(rand, bench.batches_of, bench.domains, routing=True)
+    bench.record("MoE random routing", res)
+    return rand
+
+
+def dume_top_k(bench, dume, k):
+    """DUME's routers with top-k routing, row "DUME k=<k>" -> the model (`dume` itself if k=1)."""
+    model = dume if k == 1 else set_top_k(copy.deepcopy(dume), k)
+    bench.record(f"DUME k={k}", evaluate(model, bench.batches_of, bench.domains, routing=True))
+    return model
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """One training row: `which` parameters ("router" or "all") of a copy of `start`."""
+
+    name: str
+    start: torch.nn.Module
+    which: str
+    steps: int
+    lr: float
+    weighting: str
+
+
+def trained(bench, run, seed=0, checkpoints=0):
+    """Train a copy of run.start (best of `checkpoints` validation checkpoints, step 0 included)
+    -> the trained model; its training losses go to results["curves"][run.name]."""
+    bench.log(f"{run.name}: {run.which} training, {run.steps} steps, lr {run.lr}, "
+              f"weighting {run.weighting!r}")  # fmt: skip
+    torch.manual_seed(seed)
+    model = copy.deepcopy(run.start)
+    losses, chosen = train_model(
+        model, bench.batches_of, bench.domains, run.steps, run.lr, run.which, run.weighting,
+        progress=bench.progress, desc=run.name, score=bench.validation_score,
+        checkpoints=checkpoints,
+    )  # fmt: skip
+    bench.results["curves"][run.name] = losses
+    res = evaluate(model, bench.batches_of, bench.domains, routing=True)
+    bench.record(run.name, res, weighting=run.weighting, steps=run.steps, lr=run.lr,
+                 trained=run.which, selection=chosen)  # fmt: skip
+    return model
