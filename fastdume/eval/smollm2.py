@@ -6,8 +6,10 @@ CLI and llama-cpp-python, are not needed). transformers dequantises it to fp32 o
 
 Recipe: one expert per corpus domain, MLP-only fine-tuning (every other weight stays the base's)
 with the zoo's training loop; upcycle with the base as the shared weights; oracle router
-statistics; the paper's closed-form fit; then per-domain test perplexity of each dense expert,
-the base, uniform weight averaging, DUME k=1 and MoE oracle routing, with retention.
+statistics; the paper's closed-form fit. Then the same methods as `fastdume eval` (the functions
+of `fastdume.eval.methods`), on per-domain test perplexity with retention: dense cross matrix and
+base, uniform averaging, task arithmetic, MoE oracle and random routing, DUME k=1 and k=2, DUME+
+and BTX-style (router-only training), full fine-tuning of the DUME model.
 
     OMP_NUM_THREADS=1 python -m fastdume.eval.smollm2 --json out.json
 """
@@ -15,6 +17,7 @@ the base, uniform weight averaging, DUME k=1 and MoE oracle routing, with retent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -31,13 +34,24 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclasses.dataclass
 class SmolConfig:
-    domains: tuple = ("code", "legal", "math")
+    # Appended domains keep the earlier experts' seeds (and so their cache).
+    domains: tuple = ("code", "legal", "math", "prose")
     steps: int = 30  # per expert
     lr: float = 2e-4
     seq_len: int = 128
     batch_size: int = 4
     eval_batches: int = 6  # test batches per domain
+    # Validation batches per domain: task arithmetic's alpha and the training checkpoints.
+    val_batches: int = 2
     stats_tokens: int = 4096  # router statistics tokens per domain
+    # alpha = 1/len(domains) is uniform averaging here (only the MLPs differ from the base).
+    alphas: tuple = (0.25, 0.5, 0.75, 1.0)
+    router_steps: int = 32  # DUME+ and BTX-style (~6.5 s a step on one core)
+    router_lr: float = 1e-3
+    weighting: str = "st"  # straight-through: k=1 routers get a gradient (finetune.py)
+    full_steps: int = 8  # ~16 s a step
+    full_lr: float = 1e-4
+    checkpoints: int = 2  # validation checkpoints per training run, besides step 0
     seed: int = 0
     threads: int = 1
     cache_dir: str | None = None
@@ -91,11 +105,11 @@ def base_model(root: Path):
 
 def _expert(cfg, tok, base: Path, domain: str, index: int, dest: Path):
     """MLP-only fine-tuning of the base on one domain (the zoo's loop); returns seconds."""
-    from fastdume.commands.demo import _load_dense
     from fastdume.data.train import stream, train
+    from fastdume.eval.baselines import load_dense
 
     torch.manual_seed(cfg.seed + 1 + index)
-    model = _load_dense(base)
+    model = load_dense(base)
     for name, param in model.named_parameters():
         param.requires_grad_(".mlp." in name)
     data = stream(tok, domain, cfg.seq_len, cfg.batch_size, cfg.seed + 7 + index)
@@ -109,76 +123,127 @@ def _expert(cfg, tok, base: Path, domain: str, index: int, dest: Path):
     return seconds
 
 
-def run(cfg: SmolConfig) -> dict:
-    import fastdume  # noqa: F401  (registers DUME with transformers)
-    from fastdume.commands.demo import _load_dense
-    from fastdume.data import batches
-    from fastdume.eval.baselines import uniform_average
+def experts(cfg: SmolConfig, root: Path, base: Path, tok) -> dict:
+    """{domain: expert folder}, fine-tuned on first use and cached under a key of the recipe.
+
+    A domain's seed depends on its index in cfg.domains, so new domains go at the end."""
+    key = f"s{cfg.steps}-lr{cfg.lr:g}-L{cfg.seq_len}-B{cfg.batch_size}-seed{cfg.seed}"
+    out = {d: root / key / d for d in cfg.domains}
+    for i, d in enumerate(cfg.domains):
+        if not (out[d] / "train.json").exists():
+            _log(f"expert {d}: {cfg.steps} MLP-only steps, batch {cfg.batch_size}x{cfg.seq_len}")
+            _expert(cfg, tok, base, d, i, out[d])
+    return out
+
+
+@contextlib.contextmanager
+def _timed(timings, key):
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 1)
+
+
+def _dense_rows(cfg, bench, base, paths):
+    """Dense cross matrix (base and experts), then the merging baselines."""
+    from fastdume.eval import methods
+
+    methods.dense_cross(bench, {"base": base, **paths})
+    bench.record("base", {"ppl": bench.results["cross"]["base"]})
+    methods.uniform_averaging(bench, paths.values())
+    methods.task_arithmetic(bench, base, paths.values(), cfg.alphas)
+
+
+def _dume(cfg, bench, base, paths):
+    """Upcycle with the base as the shared weights; oracle statistics; the paper's fit."""
     from fastdume.eval.build import oracle_stats
-    from fastdume.eval.metrics import evaluate, retention
-    from fastdume.eval.runner import PAPER, _oracle
+    from fastdume.eval.runner import PAPER
     from fastdume.router import fit_router
     from fastdume.upcycle import upcycle
 
+    timings = bench.results["timings"]
+    with _timed(timings, "upcycle_s"):
+        dume = upcycle(list(paths.values()), domains=bench.domains, shared=f"base:{base}",
+                       progress=False).eval()  # fmt: skip
+    _log(f"oracle statistics, {cfg.stats_tokens} tokens/domain")
+    with _timed(timings, "stats_s"):
+        stats = oracle_stats(dume, bench.batches_of, bench.domains, cfg.stats_tokens, False)
+    with _timed(timings, "fit_s"):
+        fit_router(dume, stats, **PAPER)
+    return dume
+
+
+def _changed(start, model):
+    """How many parameter tensors training changed: {"router": n, "other": n}."""
+    before = dict(start.named_parameters())
+    out = {"router": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if not torch.equal(p, before[name]):
+            out["router" if ".router." in name else "other"] += 1
+    return out
+
+
+def _trained_rows(cfg, bench, dume, rand):
+    """DUME+ and BTX-style (router only, same recipe), full fine-tuning of the DUME model."""
+    from fastdume.eval import methods
+
+    steps, lr, w = cfg.router_steps, cfg.router_lr, cfg.weighting
+    runs = [
+        methods.TrainRun("DUME+", dume, "router", steps, lr, w),
+        methods.TrainRun("BTX-style", rand, "router", steps, lr, w),
+        methods.TrainRun("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
+    ]
+    for run in runs:
+        with _timed(bench.results["timings"]["train_s"], run.name):
+            model = methods.trained(bench, run, seed=cfg.seed, checkpoints=cfg.checkpoints)
+        # A real property, not a setting: which weights the run actually moved.
+        bench.results["methods"][run.name]["changed_tensors"] = _changed(run.start, model)
+
+
+def run(cfg: SmolConfig) -> dict:
+    import fastdume  # noqa: F401  (registers DUME with transformers)
+    from fastdume.data import batches
+    from fastdume.eval import methods
+
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    key = f"s{cfg.steps}-lr{cfg.lr:g}-L{cfg.seq_len}-B{cfg.batch_size}-seed{cfg.seed}"
     root = cache_dir(cfg.cache_dir)
-    domains = list(cfg.domains)
     _log(f"base: dequantising {GGUF} (cached under {root})")
     base, tok = base_model(root)
-    timings = {"base_load_s": round(time.perf_counter() - t0, 1), "finetune_s": {}}
-    experts = {d: root / key / d for d in domains}
-    for i, d in enumerate(domains):
-        if not (experts[d] / "train.json").exists():
-            _log(f"expert {d}: {cfg.steps} MLP-only steps, batch {cfg.batch_size}x{cfg.seq_len}")
-            _expert(cfg, tok, base, d, i, experts[d])
-        rec = json.loads((experts[d] / "train.json").read_text())
-        timings["finetune_s"][d] = round(rec["seconds"], 1)
+    paths = experts(cfg, root, base, tok)
+    timings = {"finetune_s": {d: round(json.loads((p / "train.json").read_text())["seconds"], 1)
+                              for d, p in paths.items()}, "train_s": {}}  # fmt: skip
 
     def batches_of(domain, split):
-        cap = None if split == "train" else cfg.eval_batches
+        cap = {"train": None, "validation": cfg.val_batches}.get(split, cfg.eval_batches)
         return batches(tok, domain, split, cfg.seq_len, cfg.batch_size, cap, seed=cfg.seed)
 
-    results = {"config": dataclasses.asdict(cfg) | {"domains": domains}, "cross": {},
-               "methods": {}, "timings": timings}  # fmt: skip
-    t = time.perf_counter()
-    for name, path in [("base", base), *experts.items()]:
-        _log(f"evaluating dense {name}")
-        results["cross"][name] = evaluate(_load_dense(path), batches_of, domains)["ppl"]
-    dense_own = {d: results["cross"][d][d] for d in domains}
-
-    def record(name, res):
-        results["methods"][name] = {**res, "retention": retention(dense_own, res["ppl"])}
-        r = results["methods"][name]["retention"]
-        _log(f"  {name}: mean retention {r['mean']:.2%}, worst {r['worst']:.2%}")
-
-    record("base", {"ppl": results["cross"]["base"]})
-    _log("uniform weight averaging")
-    record("uniform averaging", evaluate(uniform_average([experts[d] for d in domains]),
-                                         batches_of, domains))  # fmt: skip
-    timings["dense_eval_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    _log("upcycle (shared = the base)")
-    dume = upcycle([experts[d] for d in domains], domains=domains, shared=f"base:{base}",
-                   progress=False).eval()  # fmt: skip
-    timings["upcycle_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    _log(f"oracle statistics, {cfg.stats_tokens} tokens/domain")
-    stats = oracle_stats(dume, batches_of, domains, cfg.stats_tokens)
-    timings["stats_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    fit_router(dume, stats, **PAPER)
-    timings["fit_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    record("DUME k=1", evaluate(dume, batches_of, domains, routing=True))
-    record("MoE oracle routing", _oracle(dume, batches_of, domains))
-    timings["moe_eval_s"] = round(time.perf_counter() - t, 1)
+    results = {"config": dataclasses.asdict(cfg), "cross": {}, "methods": {}, "curves": {},
+               "timings": timings}  # fmt: skip
+    bench = methods.Bench(batches_of, list(cfg.domains), results, _log, progress=False)
+    with _timed(timings, "dense_eval_s"):
+        _dense_rows(cfg, bench, base, paths)
+    dume = _dume(cfg, bench, base, paths)
+    with _timed(timings, "moe_eval_s"):
+        methods.moe_oracle(bench, dume)
+        rand = methods.moe_random(bench, dume, cfg.seed)
+        methods.dume_top_k(bench, dume, 1)
+        methods.dume_top_k(bench, dume, 2)
+    _trained_rows(cfg, bench, dume, rand)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     results["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     results["threads"] = torch.get_num_threads()
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return results
+
+
+def _notes(m):
+    """Short description of a row's tuning: alpha, or the training run and its chosen step."""
+    if "alpha" in m:
+        return f"alpha {m['alpha']:g}"
+    if "steps" not in m:
+        return ""
+    chosen = m["selection"]["step"] if m.get("selection") else m["steps"]
+    return f"{m['trained']}, {m['weighting']}, {m['steps']} steps lr {m['lr']:g}, kept {chosen}"
 
 
 def markdown(results) -> str:
@@ -187,8 +252,9 @@ def markdown(results) -> str:
     for name, row in results["cross"].items():
         label = name if name == "base" else f"dense {name}"
         lines.append(f"| {label} | " + " | ".join(f"{row[d]:.3f}" for d in domains) + " |")
-    head = "| method | " + " | ".join(domains) + " | mean ret. | worst ret. | routing acc. |"
-    lines += ["", head, "|---" * (len(domains) + 4) + "|"]
+    tail = "mean ret. | worst ret. | routing acc. | notes |"
+    head = "| method | " + " | ".join(domains) + " | " + tail
+    lines += ["", head, "|---" * (len(domains) + 5) + "|"]
     for name, m in results["methods"].items():
         ret = m["retention"]
         acc = ""
@@ -196,29 +262,30 @@ def markdown(results) -> str:
             per = [sum(v) / len(v) for v in m["routing"].values()]
             acc = f"{sum(per) / len(per):.1%}"
         cells = [f"{m['ppl'][d]:.3f} ({ret['per_domain'][d]:.1%})" for d in domains]
-        lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {ret['mean']:.2%} | {ret['worst']:.2%} | {acc} |")  # fmt: skip
+        cells += [f"{ret['mean']:.2%}", f"{ret['worst']:.2%}", acc, _notes(m)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=SmolConfig.steps)
-    p.add_argument("--lr", type=float, default=SmolConfig.lr)
-    p.add_argument("--eval-batches", type=int, default=SmolConfig.eval_batches)
-    p.add_argument("--stats-tokens", type=int, default=SmolConfig.stats_tokens)
-    p.add_argument("--threads", type=int, default=SmolConfig.threads)
+    numeric = {"int": int, "float": float}  # the annotations are strings (__future__)
+    for field in dataclasses.fields(SmolConfig):
+        if field.type in numeric:
+            flag = "--" + field.name.replace("_", "-")
+            p.add_argument(flag, type=numeric[field.type], default=field.default)
+    p.add_argument("--domains", default=",".join(SmolConfig.domains))
+    p.add_argument("--weighting", default=SmolConfig.weighting)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    cfg = SmolConfig(steps=a.steps, lr=a.lr, eval_batches=a.eval_batches,
-                     stats_tokens=a.stats_tokens, threads=a.threads,
-                     cache_dir=a.cache_dir)  # fmt: skip
-    res = run(cfg)
+    a = vars(p.parse_args(argv))
+    out = a.pop("json")
+    a["domains"] = tuple(a["domains"].split(","))
+    res = run(SmolConfig(**a))
     print(markdown(res))
     print(json.dumps(res["timings"]))
-    if a.json:
-        write_json(a.json, res, indent=1, default=str)
+    if out:
+        write_json(out, res, indent=1, default=str)
     return res
 
 
