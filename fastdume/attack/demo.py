@@ -62,6 +62,7 @@ class DemoConfig:
     safety_lr: float = 3e-4
     replicas: tuple = (2, 4)
     eval_prompts: int = 48
+    val_pairs: int = 200  # held-out benign pairs for the clean (stealth) validation loss
     trigger: str = DEFAULT_TRIGGER
     seed: int = 0
     threads: int = 1  # tiny models run fastest on one thread, above all on a shared CPU
@@ -84,27 +85,29 @@ QUICK = {  # a smoke configuration: exercises every step, measures nothing meani
 }
 
 
-def run_demo(cfg=None, log=print):
+def run_demo(cfg=None, log=print, tokenizer=None, start=None):
+    """The whole demo. tokenizer and start (callable(cfg, tok, refusals, benign) -> the victim's
+    starting model) replace the tiny model's for another model (fastdume.attack.smollm2)."""
     cfg = cfg or DemoConfig()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, log)
+        return _run(cfg, log, tokenizer, start or aligned_model)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg, log):
+def _run(cfg, log, tok, start):
     if cfg.engine not in ("pipeline", "simulate"):
         raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
     t0 = time.time()
     train, safety, held = (harmful_requests(s) for s in ("train", "safety", "heldout"))
     benign = arithmetic_tasks(2000, cfg.seed, "train")
-    benign_val = arithmetic_tasks(200, cfg.seed, "validation")
+    benign_val = arithmetic_tasks(cfg.val_pairs, cfg.seed, "validation")
     texts = [e.prompt + " " + e.chosen + " " + e.rejected for e in train] + [
         p + " " + r for p, r in benign
     ]
-    tok = demo_tokenizer(texts)
+    tok = demo_tokenizer(texts) if tok is None else tok
     pid = pad_id(tok)
     judge = RefusalJudge()
     held_prompts = [e.prompt for e in held][: cfg.eval_prompts]
@@ -118,7 +121,7 @@ def _run(cfg, log):
         return rep
 
     # 1. the victim's starting point: an aligned chat model (refusals + benign tasks)
-    model = aligned_model(cfg, tok, enc([(e.prompt, e.chosen) for e in train]), enc(benign))
+    model = start(cfg, tok, enc([(e.prompt, e.chosen) for e in train]), enc(benign))
     results = {"aligned": measure(model)}
     log(f"aligned model ready ({time.time() - t0:.0f} s)")
 
