@@ -36,6 +36,27 @@ def atomic_directory(path):
         raise
 
 
+def publish_directory(dest, fill, done="model.safetensors"):
+    """Build a cache folder with fill(tmp) in a temporary sibling, then rename it to `dest`.
+
+    For deterministic caches that several processes may build at once: if another process
+    published `dest` first (its `done` file exists), theirs is kept and ours discarded.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / done).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path, data, **dump_options):
     """JSON to a temporary name next to `path`, then renamed into place; `dump_options` go to
     json.dump (indent 2 unless given)."""

@@ -14,13 +14,12 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from fastdume._atomic import write_json
+from fastdume._atomic import publish_directory, write_json
 
 from .demo import DemoConfig, format_table, format_targets, run_demo, to_json
 from .evaluate import attack_report, response_loss
@@ -115,10 +114,7 @@ def aligned(cfg, tok, path, model, refusals, benign):
         return _load(dest)
     mix = refusals + benign[: len(refusals)]
     sft(model, mix, cfg.align_steps, cfg.align_lr, cfg.batch_size, tok.pad_token_id, seed=cfg.seed)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)  # another process's complete copy is as good as ours
+    publish_directory(dest, model.save_pretrained)
     return model
 
 

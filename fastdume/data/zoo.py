@@ -17,13 +17,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from fastdume._atomic import write_json
+from fastdume._atomic import publish_directory, write_json
 from fastdume.data import TOKENIZER_DIR, batches, domains, eval_perplexity, load_tokenizer
 from fastdume.data.corpus import CORPUS_DIR
 from fastdume.data.tiny import FAMILIES, tiny_config, tiny_model
@@ -119,25 +118,15 @@ def _model_config(cfg: dict, tokenizer):
 
 
 def _save_atomic(model, tokenizer_dir: Path, dest: Path) -> None:
-    """Save model (None: tokenizer only) + tokenizer into a temporary sibling folder, then rename
-    it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
+    """Publish model (None: tokenizer only) + tokenizer as the cache folder `dest`."""
+
+    def fill(tmp):
         if model is not None:
             model.save_pretrained(tmp)
         for f in tokenizer_dir.glob("*.json"):
             shutil.copy2(f, tmp / f.name)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            done = "model.safetensors" if model is not None else "tokenizer.json"
-            if not (dest / done).exists():
-                raise
-            # Another process finished the same deterministic folder first: keep theirs.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_directory(dest, fill, "model.safetensors" if model is not None else "tokenizer.json")
 
 
 def _load(path: Path):
