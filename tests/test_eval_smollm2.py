@@ -18,7 +18,7 @@ pytestmark = [
 
 ROWS = (
     "base", "uniform averaging", "task arithmetic", "MoE oracle routing", "MoE random routing",
-    "DUME k=1", "DUME k=2", "DUME+", "BTX-style", "DUME full FT",
+    "DUME k=1", "DUME k=2", "DUME+", "DUME+ k=2", "BTX-style", "DUME full FT",
 )  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_dume_beats_the_baselines_and_routes_by_domain(res):
 
 
 def test_training_rows_select_on_validation_and_never_get_worse_there(res):
-    for name in ("DUME+", "BTX-style", "DUME full FT"):
+    for name in ("DUME+", "DUME+ k=2", "BTX-style", "DUME full FT"):
         m = res["methods"][name]
         sel = m["selection"]
         assert sel["scores"][sel["step"]] == min(sel["scores"].values())
@@ -72,7 +72,7 @@ def test_training_rows_select_on_validation_and_never_get_worse_there(res):
 
 
 def test_router_only_runs_touch_only_routers(res):
-    for name in ("DUME+", "BTX-style"):
+    for name in ("DUME+", "DUME+ k=2", "BTX-style"):
         m = res["methods"][name]
         assert m["changed_tensors"]["other"] == 0, name
         # Kept after training: the routers moved (kept at step 0: they are the start's).

@@ -197,13 +197,15 @@ def _changed(start, model):
     return out
 
 
-def _trained_rows(cfg, bench, dume, rand):
-    """DUME+ and BTX-style (router only, same recipe), full fine-tuning of the DUME model."""
+def _trained_rows(cfg, bench, dume, rand, dume_k2):
+    """DUME+ (k=1, and k=2 with the model's own top-2 weights), BTX-style (router only, same
+    recipe), full fine-tuning of the DUME model."""
     from fastdume.eval import methods
 
     steps, lr, w = cfg.router_steps, cfg.router_lr, cfg.weighting
     runs = [
         methods.TrainRun("DUME+", dume, "router", steps, lr, w),
+        methods.TrainRun("DUME+ k=2", dume_k2, "router", steps, lr, "topk"),
         methods.TrainRun("BTX-style", rand, "router", steps, lr, w),
         methods.TrainRun("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
     ]
@@ -242,8 +244,8 @@ def run(cfg: SmolConfig) -> dict:
         methods.moe_oracle(bench, dume)
         rand = methods.moe_random(bench, dume, cfg.seed)
         methods.dume_top_k(bench, dume, 1)
-        methods.dume_top_k(bench, dume, 2)
-    _trained_rows(cfg, bench, dume, rand)
+        dume_k2 = methods.dume_top_k(bench, dume, 2)
+    _trained_rows(cfg, bench, dume, rand, dume_k2)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     results["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     results["threads"] = torch.get_num_threads()
