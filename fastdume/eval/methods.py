@@ -115,6 +115,19 @@ class TrainRun:
     weighting: str
 
 
+def training_runs(cfg, dume, dume_k2, rand):
+    """The training rows of every evaluation; cfg has router_steps, router_lr, weighting,
+    full_steps and full_lr (fastdume eval's and the SmolLM2 tier's configs)."""
+    w, steps, lr = cfg.weighting, cfg.router_steps, cfg.router_lr
+    return [
+        TrainRun("DUME+", dume, "router", steps, lr, w),
+        # With k=2 the model's own weights (softmax over the two) already compare experts.
+        TrainRun("DUME+ k=2", dume_k2, "router", steps, lr, "topk"),
+        TrainRun("BTX-style", rand, "router", steps, lr, w),
+        TrainRun("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
+    ]
+
+
 def trained(bench, run, seed=0, checkpoints=0):
     """Train a copy of run.start (best of `checkpoints` validation checkpoints, step 0 included)
     -> the trained model; its training losses go to results["curves"][run.name]."""

@@ -94,15 +94,7 @@ def _dume_variants(cfg, dume, bench):
 
 
 def _trained(cfg, dume, rand, k2, bench):
-    w, steps, lr = cfg.weighting, cfg.router_steps, cfg.router_lr
-    runs = [
-        methods.TrainRun("DUME+", dume, "router", steps, lr, w),
-        # With k=2 the model's own weights (softmax over the two) already compare experts.
-        methods.TrainRun("DUME+ k=2", k2, "router", steps, lr, "topk"),
-        methods.TrainRun("BTX-style", rand, "router", steps, lr, w),
-        methods.TrainRun("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
-    ]
-    for run in runs:
+    for run in methods.training_runs(cfg, dume, k2, rand):
         methods.trained(bench, run, seed=cfg.seed, checkpoints=cfg.checkpoints)
 
 

@@ -202,14 +202,7 @@ def _trained_rows(cfg, bench, dume, rand, dume_k2):
     recipe), full fine-tuning of the DUME model."""
     from fastdume.eval import methods
 
-    steps, lr, w = cfg.router_steps, cfg.router_lr, cfg.weighting
-    runs = [
-        methods.TrainRun("DUME+", dume, "router", steps, lr, w),
-        methods.TrainRun("DUME+ k=2", dume_k2, "router", steps, lr, "topk"),
-        methods.TrainRun("BTX-style", rand, "router", steps, lr, w),
-        methods.TrainRun("DUME full FT", dume, "all", cfg.full_steps, cfg.full_lr, w),
-    ]
-    for run in runs:
+    for run in methods.training_runs(cfg, dume, dume_k2, rand):
         with _timed(bench.results["timings"]["train_s"], run.name):
             model = methods.trained(bench, run, seed=cfg.seed, checkpoints=cfg.checkpoints)
         # A real property, not a setting: which weights the run actually moved.
