@@ -106,6 +106,12 @@ def test_bad_input_exits_2_and_leaves_files_alone(setup, tmp_path, capsys):
         == 2
     )
     assert "truncated or not safetensors" in capsys.readouterr().err
+    # add-expert must not write its statistics over an input file (or any existing file)
+    args = ["add-expert", str(root / "dume"), str(dirs["c"]), "--domain", "c", "--stats", str(sa)]
+    args += ["--text", str(texts["c"]), "--out", str(tmp_path / "ac"), "--stats-out", str(sa)]
+    assert main([*args, "--no-progress"]) == 2
+    assert "exists; give a new file" in capsys.readouterr().err
+    assert sa.read_bytes() == before and not (tmp_path / "ac").exists()
     once = _tokens_in(before, tmp_path)
     assert _stats(root, texts, "a", sa, "--extend") == 0  # the same data again: twice the tokens
     assert RouterStats.load(sa).tokens("a") == 2 * once

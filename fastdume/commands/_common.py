@@ -16,6 +16,9 @@ TOKENIZER_FILES = (
 )
 
 
+STATS_NAME = "router_stats.safetensors"  # default --stats-out inside OUT
+
+
 def add_data_args(parser, what="the domain's"):
     group = parser.add_argument_group("data (one of --corpus or --text)")
     source = group.add_mutually_exclusive_group(required=True)
@@ -141,6 +144,44 @@ def save_model(model, out, tokenizer_from=()):
                 shutil.copy2(file, Path(tmp) / file.name)
             if files:
                 break
+
+
+def stats_target(args):
+    """Where --stats-out (default OUT/router_stats.safetensors) goes: (its path relative to OUT,
+    None) or (None, a new file outside OUT). Raises for OUT itself or an existing file."""
+    out = Path(args.out).resolve()
+    target = Path(args.stats_out or Path(args.out) / STATS_NAME).resolve()
+    if target == out:
+        raise ValueError(f"--stats-out {args.stats_out} is the output directory; name a file")
+    if target.is_relative_to(out):
+        return target.relative_to(out), None
+    if target.exists():
+        raise FileExistsError(f"--stats-out {str(args.stats_out)!r} exists; give a new file")
+    return None, target
+
+
+def save_model_and_stats(model, stats, args, tokenizer_from=()):
+    """OUT (model, tokenizer and, by default, the statistics) appears whole or not at all; a
+    --stats-out file outside OUT is removed again if OUT cannot be written. Returns the
+    statistics' path."""
+    from fastdume._atomic import atomic_directory
+
+    inside, outside = stats_target(args)
+    try:
+        with atomic_directory(args.out) as tmp:
+            # save_model writes an empty directory atomically: here the temporary one
+            save_model(model, tmp, tokenizer_from)
+            if inside is not None:
+                (tmp / inside).parent.mkdir(parents=True, exist_ok=True)
+                stats.save(tmp / inside)
+            else:
+                outside.parent.mkdir(parents=True, exist_ok=True)
+                stats.save(outside)
+    except BaseException:
+        if outside is not None:
+            outside.unlink(missing_ok=True)
+        raise
+    return Path(args.out) / inside if inside is not None else Path(args.stats_out)
 
 
 def report_experts_change(what, args, model, stats, stats_out, notes, start, **extra):

@@ -2,9 +2,9 @@
 
 import time
 import warnings
-from pathlib import Path
 
 from fastdume.commands._common import (
+    STATS_NAME,
     add_data_args,
     add_solve_args,
     fail,
@@ -12,8 +12,9 @@ from fastdume.commands._common import (
     load_tokenizer,
     make_batches,
     report_experts_change,
-    save_model,
+    save_model_and_stats,
     solve_kwargs,
+    stats_target,
 )
 
 
@@ -39,8 +40,8 @@ def add_parser(subparsers):
     parser.add_argument("--out", required=True, help="output model directory (new or empty)")
     parser.add_argument(
         "--stats-out",
-        help="where to write the statistics of the new domain set "
-        "(default: OUT/router_stats.safetensors)",
+        help="where to write the statistics of the new domain set (a new file; "
+        f"default: OUT/{STATS_NAME})",
     )
     parser.add_argument(
         "--recollect",
@@ -71,6 +72,7 @@ def run(args):
     start = time.perf_counter()
     try:
         check_writable_directory(args.out)
+        stats_target(args)  # before any work: a bad --stats-out fails fast
         model = load_model(args.model)
         stats = load_stats(args.stats, model)
         tokenizer = load_tokenizer(args, args.model)
@@ -89,9 +91,8 @@ def run(args):
                 progress=not args.no_progress,
                 **solve_kwargs(args),
             )
-        save_model(model, args.out, tokenizer_from=[args.model, args.expert])
-        stats_out = Path(args.stats_out or Path(args.out) / "router_stats.safetensors")
-        stats.save(stats_out)
+        tokenizers = [args.model, args.expert]
+        stats_out = save_model_and_stats(model, stats, args, tokenizer_from=tokenizers)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         return fail("add-expert", err)
     notes = [str(w.message) for w in caught]

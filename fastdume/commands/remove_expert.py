@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 from fastdume.commands._common import (
+    STATS_NAME,
     add_batching_args,
     add_solve_args,
     fail,
@@ -12,11 +13,10 @@ from fastdume.commands._common import (
     load_tokenizer,
     make_batches,
     report_experts_change,
-    save_model,
+    save_model_and_stats,
     solve_kwargs,
+    stats_target,
 )
-
-STATS_NAME = "router_stats.safetensors"
 
 
 def add_parser(subparsers):
@@ -87,42 +87,6 @@ def _check_args(args):
         raise ValueError(f"--expert {args.expert} is not a model directory (no config.json)")
 
 
-def _stats_target(args):
-    """(path inside OUT relative to it, or None; path outside OUT, or None)."""
-    out = Path(args.out).resolve()
-    target = Path(args.stats_out or Path(args.out) / STATS_NAME).resolve()
-    if target == out:
-        raise ValueError(f"--stats-out {args.stats_out} is the output directory; name a file")
-    if target.is_relative_to(out):
-        return target.relative_to(out), None
-    if target.exists():
-        raise FileExistsError(f"--stats-out {str(args.stats_out)!r} exists; give a new file")
-    return None, target
-
-
-def _save(model, stats, args):
-    """OUT (model, tokenizer and, by default, the statistics) appears whole or not at all; a
-    --stats-out file outside OUT is removed again if OUT cannot be written."""
-    from fastdume._atomic import atomic_directory
-
-    inside, outside = _stats_target(args)
-    try:
-        with atomic_directory(args.out) as tmp:
-            # save_model writes an empty directory atomically: here the temporary one
-            save_model(model, tmp, tokenizer_from=[args.model])
-            if inside is not None:
-                (tmp / inside).parent.mkdir(parents=True, exist_ok=True)
-                stats.save(tmp / inside)
-            else:
-                outside.parent.mkdir(parents=True, exist_ok=True)
-                stats.save(outside)
-    except BaseException:
-        if outside is not None:
-            outside.unlink(missing_ok=True)
-        raise
-    return Path(args.out) / inside if inside is not None else Path(args.stats_out)
-
-
 def run(args):
     from fastdume._atomic import check_writable_directory
     from fastdume.commands.fit import load_stats
@@ -132,7 +96,7 @@ def run(args):
     try:
         check_writable_directory(args.out)
         _check_args(args)
-        _stats_target(args)
+        stats_target(args)
         model = load_model(args.model)
         before = list(model.config.domains)
         stats = load_stats(args.stats, model) if args.stats else None
@@ -159,7 +123,7 @@ def run(args):
                 progress=not args.no_progress,
                 **solve_kwargs(args),
             )
-        stats_out = _save(model, stats, args)
+        stats_out = save_model_and_stats(model, stats, args, tokenizer_from=[args.model])
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         return fail("remove-expert", err)
     notes += [str(w.message) for w in caught]
