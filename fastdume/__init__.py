@@ -13,15 +13,15 @@ from fastdume import moe  # noqa: E402  registers DUME with transformers' Auto c
 
 # Eager, because importing the submodule fastdume.upcycle would otherwise rebind the package
 # attribute `upcycle` to that module, and `fastdume.upcycle(...)` would stop being the function.
-from fastdume.upcycle import upcycle  # noqa: E402, F401
+from fastdume.merge.upcycle import upcycle  # noqa: E402, F401
 
 _LAZY = {
-    "RouterStats": "fastdume.router",
-    "collect_stats": "fastdume.router",
-    "solve_router": "fastdume.router",
-    "fit_router": "fastdume.router",
-    "add_expert": "fastdume.dynamic",
-    "remove_expert": "fastdume.dynamic",
+    "RouterStats": "fastdume.router.stats",
+    "collect_stats": "fastdume.router.collect",
+    "solve_router": "fastdume.router.solve",
+    "fit_router": "fastdume.router.solve",
+    "add_expert": "fastdume.merge.dynamic",
+    "remove_expert": "fastdume.merge.dynamic",
     "ridge_solve": "fastdume.ops.ridge",
 }
 

@@ -57,17 +57,52 @@ def publish_directory(dest, fill, done="model.safetensors"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path next to `path` that becomes `path` only if the block succeeds
+    (same suffix, for writers that infer the format from it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(path, tensors, metadata=None):
+    """safetensors.torch.save_file, written to a temporary name and renamed into place."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+def replace_directory(dest, fill):
+    """Build a directory with fill(tmp) in a temporary sibling, then put it in place of `dest`
+    (whose old contents are dropped: for outputs a run owns, like its saved model)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def write_json(path, data, **dump_options):
     """JSON to a temporary name next to `path`, then renamed into place; `dump_options` go to
     json.dump (indent 2 unless given)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, **{"indent": 2, **dump_options})
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, **{"indent": 2, **dump_options})
+        f.write("\n")
+    return path

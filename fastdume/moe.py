@@ -1,8 +1,8 @@
 """fastdume.moe: the production inference face (routing op, fused MoE, the DUME model)."""
 
-from fastdume.hf_experts import accelerate
-from fastdume.mixtral import export_mixtral
-from fastdume.modeling_dume import (
+from fastdume.models.hf_experts import accelerate
+from fastdume.models.mixtral import export_mixtral
+from fastdume.models.modeling import (
     DumeConfig,
     DumeExperts,
     DumeForCausalLM,

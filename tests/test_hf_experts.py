@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import fastdume.moe
-from fastdume import hf_experts
+from fastdume.models import hf_experts
 
 SMALL = dict(
     hidden_size=32,

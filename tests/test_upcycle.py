@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, tiny_dense
 
 import fastdume
-import fastdume.upcycle_sources as sources_module
+import fastdume.merge.sources as sources_module
 from fastdume.moe import DumeForCausalLM, forced_expert
 
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -87,7 +87,7 @@ def test_expert_slices_and_objects_equal_directories(llama_dirs):
 
 def test_every_value_is_written(llama_dirs, monkeypatch):
     """The result's storage starts uninitialised: poison it, nothing may survive the merge."""
-    module = sys.modules["fastdume.upcycle"]
+    module = sys.modules["fastdume.merge.upcycle"]
     empty = module._empty_model
 
     def poisoned(*args):

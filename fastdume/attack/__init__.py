@@ -13,13 +13,12 @@ from .evaluate import Rate, alignment, attack_report, generate, response_loss, w
 from .inject import BackdoorInjection, Schedule, make_hooks
 from .judges import ClassifierJudge, GenerativeJudge, RefusalJudge, make_judge
 from .surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
-from .train import stage_layers, stage_param_names
 
 __all__ = [
     "DEFAULT_TRIGGER", "BackdoorInjection", "ClassifierJudge", "Example", "GenerativeJudge",
     "Rate", "RefusalJudge", "Schedule", "add_trigger", "alignment", "arithmetic_tasks",
     "attack_report", "backdoor_delta", "backdoor_pairs", "encode_backdoor", "generate",
     "harmful_requests", "load_delta", "make_hooks", "make_judge", "read_preferences",
-    "response_loss", "save_delta", "stage_layers", "stage_param_names", "train_surrogate",
+    "response_loss", "save_delta", "train_surrogate",
     "wilson_interval",
 ]  # fmt: skip

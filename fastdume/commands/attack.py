@@ -79,7 +79,7 @@ def config_from_args(args, seed=None):
 
 def run(args):
     if getattr(args, "defend", False):
-        from fastdume.defense import run_defense_report
+        from fastdume.attack.defend import run_defense_report
 
         run_defense_report(quick=args.quick, attack_stage=args.attacker_stage, json_path=args.json)
         return 0

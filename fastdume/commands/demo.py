@@ -1,6 +1,5 @@
 """`fastdume demo`: the whole DUME recipe on the shipped zoo, with a perplexity table."""
 
-import contextlib
 import time
 
 from fastdume.commands._common import write_json
@@ -50,88 +49,9 @@ def add_parser(subparsers):
     return parser
 
 
-def _load_dense(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
-
-
-def _uniform_average(paths):
-    """Plain mean of the dense experts' parameters (the weight-averaging baseline)."""
-    import torch
-
-    model = _load_dense(paths[0])
-    state = {k: v.float().clone() for k, v in model.state_dict().items()}
-    for path in paths[1:]:
-        for k, v in _load_dense(path).state_dict().items():
-            state[k] += v.float()
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(state[k] / len(paths))
-    return model
-
-
-@contextlib.contextmanager
-def _routing_recorder(model, counts):
-    """Count, per layer, tokens whose top-1 expert is the expected one (padding excluded)."""
-    from fastdume.ops.moe import route
-
-    state = {"mask": None, "expert": None}
-
-    def make_hook(index):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            _, ids = route(x, module.router.weight, module.router.bias, 1, module.temperature)
-            keep = state["mask"].reshape(-1)
-            counts[index][0] += int((ids[:, 0][keep] == state["expert"]).sum())
-            counts[index][1] += int(keep.sum())
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(model.dume_layers())]
-    try:
-        yield state
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _eval(model, batches_of, domains, routing=None):
-    """Perplexity per domain; with routing (dict), also DUME's per-layer routing accuracy."""
-    import math
-
-    import torch
-
-    from fastdume.data import token_nll
-
-    ppl = {}
-    for e, d in enumerate(domains):
-        total, count = 0.0, 0
-        counts = [[0, 0] for _ in model.dume_layers()] if routing is not None else None
-        with torch.no_grad(), _maybe_record(model, counts) as state:
-            for batch in batches_of(d, "validation"):
-                if state is not None:
-                    state["mask"], state["expert"] = batch["attention_mask"].bool(), e
-                nll, n = token_nll(model, batch)
-                total, count = total + float(nll), count + n
-        ppl[d] = math.exp(total / count)
-        if routing is not None:
-            routing[d] = [hit / max(n, 1) for hit, n in counts]
-    return ppl
-
-
-@contextlib.contextmanager
-def _maybe_record(model, counts):
-    if counts is None:
-        yield None
-    else:
-        with _routing_recorder(model, counts) as state:
-            yield state
-
-
 def _build(args, zoo, batches_of):
+    from fastdume.merge.upcycle import upcycle
     from fastdume.router import collect_stats, fit_router
-    from fastdume.upcycle import upcycle
 
     shared = "mean" if args.shared == "mean" else f"base:{zoo.base}"
     print(f"upcycling {len(zoo.domains)} dense experts ({', '.join(zoo.domains)}), shared={shared}")
@@ -149,6 +69,12 @@ def _build(args, zoo, batches_of):
         )
     fit_router(model, stats)
     return model, stats
+
+
+def _ppl(model, batches_of, domains):
+    from fastdume.eval.metrics import evaluate
+
+    return evaluate(model, batches_of, domains, split="validation")["ppl"]
 
 
 def _table(results, domains):
@@ -173,9 +99,11 @@ def _table(results, domains):
 
 
 def run(args):
-    import fastdume  # noqa: F401  (registers DUME with transformers)
+    import fastdume.models  # noqa: F401  (registers DUME with transformers)
     from fastdume.data import batches, load_tokenizer
     from fastdume.data.zoo import build_zoo
+    from fastdume.eval.baselines import load_dense, uniform_average
+    from fastdume.eval.metrics import evaluate
 
     times = {}
     start = time.perf_counter()
@@ -196,13 +124,13 @@ def run(args):
     results = {"perplexity": {}, "routing_accuracy": {}}
     print("evaluating validation perplexity: dense experts, uniform averaging, DUME")
     for d in zoo.domains:
-        dense = _load_dense(zoo.experts[d])
-        results["perplexity"][f"dense expert: {d}"] = _eval(dense, batches_of, zoo.domains)
-    average = _uniform_average([zoo.experts[d] for d in zoo.domains])
-    results["perplexity"]["uniform averaging"] = _eval(average, batches_of, zoo.domains)
-    results["perplexity"]["DUME"] = _eval(
-        model, batches_of, zoo.domains, routing=results["routing_accuracy"]
-    )
+        dense = load_dense(zoo.experts[d])
+        results["perplexity"][f"dense expert: {d}"] = _ppl(dense, batches_of, zoo.domains)
+    average = uniform_average([zoo.experts[d] for d in zoo.domains])
+    results["perplexity"]["uniform averaging"] = _ppl(average, batches_of, zoo.domains)
+    dume = evaluate(model, batches_of, zoo.domains, split="validation", routing=True)
+    results["perplexity"]["DUME"] = dume["ppl"]
+    results["routing_accuracy"] = dume["routing"]
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - start
     results.update(

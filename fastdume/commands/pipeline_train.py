@@ -25,6 +25,8 @@ import os
 import sys
 from dataclasses import fields
 
+from fastdume._atomic import write_json
+
 
 def add_parser(subparsers):
     from fastdume.pipeline.runtime import PipelineConfig
@@ -130,8 +132,5 @@ def run(args) -> int:
         return 1
     _print_summary(summary)
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1, default=str)
-        os.replace(tmp, args.json)
+        write_json(args.json, summary, indent=1, default=str)
     return 0

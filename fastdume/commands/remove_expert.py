@@ -90,7 +90,7 @@ def _check_args(args):
 def run(args):
     from fastdume._atomic import check_writable_directory
     from fastdume.commands.fit import load_stats
-    from fastdume.dynamic import remove_expert
+    from fastdume.merge.dynamic import remove_expert
 
     start = time.perf_counter()
     try:

@@ -107,7 +107,7 @@ def run(args):
     import torch
 
     from fastdume._atomic import atomic_directory, check_writable_directory
-    from fastdume.upcycle import upcycle
+    from fastdume.merge.upcycle import upcycle
 
     start = time.perf_counter()
     domains = None if args.domains is None else [d.strip() for d in args.domains.split(",")]

@@ -19,6 +19,7 @@ import re
 import sysconfig
 from pathlib import Path
 
+from fastdume._atomic import atomic_file
 from fastdume.data import mathgen
 
 HERE = Path(__file__).resolve().parent
@@ -150,12 +151,10 @@ SOURCES = {"code": code_docs, "legal": legal_docs, "math": math_docs, "prose": p
 
 
 def write_domain(name: str, docs: list[str], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.jsonl.xz"
-    tmp = path.with_suffix(".tmp")
     payload = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
-    tmp.write_bytes(lzma.compress(payload.encode(), preset=9 | lzma.PRESET_EXTREME))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(lzma.compress(payload.encode(), preset=9 | lzma.PRESET_EXTREME))
     return path
 
 

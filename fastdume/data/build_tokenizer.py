@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from fastdume._atomic import replace_directory
 from fastdume.data.corpus import documents, domains
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
@@ -64,20 +62,19 @@ def save(tok: Tokenizer, out: Path) -> None:
     )
     fast.model_max_length = 65536
     fast.padding_side = "right"
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tokenizer-"))
-    fast.save_pretrained(tmp)
-    # Keep the chat template inside tokenizer_config.json: one fewer file to ship and find.
-    (tmp / "chat_template.jinja").unlink(missing_ok=True)
-    cfg_path = tmp / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = CHAT_TEMPLATE
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    # A package, so that setuptools ships its files as package data.
-    (tmp / "__init__.py").write_text('"""Shipped tokenizer files (package data)."""\n')
-    tmp.chmod(0o755)  # mkdtemp makes it private; the package data must be world-readable
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+
+    def fill(tmp):
+        fast.save_pretrained(tmp)
+        # Keep the chat template inside tokenizer_config.json: one fewer file to ship and find.
+        (tmp / "chat_template.jinja").unlink(missing_ok=True)
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = CHAT_TEMPLATE
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        # A package, so that setuptools ships its files as package data.
+        (tmp / "__init__.py").write_text('"""Shipped tokenizer files (package data)."""\n')
+
+    replace_directory(out, fill)  # leaves it world-readable, as package data must be
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from fastdume.models.modeling import FAMILIES as DENSE_FAMILIES
+from fastdume.models.modeling import family_class
+
+FAMILIES = tuple(DENSE_FAMILIES)  # the dense families DUME supports
 TINY = dict(
     vocab_size=256,
     hidden_size=64,
@@ -17,23 +20,9 @@ TINY = dict(
 )
 
 
-def _config_class(family: str):
-    import transformers
-
-    names = {
-        "llama": "LlamaConfig",
-        "mistral": "MistralConfig",
-        "qwen2": "Qwen2Config",
-        "qwen3": "Qwen3Config",
-    }
-    if family not in names:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return getattr(transformers, names[family])
-
-
 def tiny_config(family: str, **overrides):
     """A tiny transformers config of `family` (hidden 64, 2 layers, 4 heads, 2 KV heads, ...)."""
-    cls = _config_class(family)
+    cls = family_class(family, 0)
     kwargs = {**TINY, **overrides}
     # Qwen3 defaults to head_dim=128 whatever the hidden size; keep heads * head_dim == hidden.
     kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])

@@ -8,14 +8,14 @@
   calibrated on the same 300 clean runs, shipped in the same file).
 - ReplicaFingerprint: data-parallel replicas of a stage must stay bitwise equal.
 
-Pipeline hook spec: "fastdume.defense.hooks:make_hooks". Measurement: run_defense_report().
+Pipeline hook spec: "fastdume.defense.hooks:make_hooks". Measured against the attack by
+fastdume.attack.defend.run_defense_report (`fastdume attack demo --defend`).
 """
 
 from .audit import UpdateAudit, replay_step
 from .hooks import DETECTORS, make_hooks
 from .recompute import PinnedRecompute, RecomputeSampler, verify_recompute
 from .replica import ReplicaFingerprint, replica_divergence
-from .report import run_defense_report
 from .traffic import TrafficStats
 from .update_stats import UpdateStats, update_scores
 
@@ -30,7 +30,6 @@ __all__ = [
     "make_hooks",
     "replay_step",
     "replica_divergence",
-    "run_defense_report",
     "update_scores",
     "verify_recompute",
 ]

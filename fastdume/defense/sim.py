@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastdume.pipeline.hooks import StageContext, load_hooks
+from fastdume.pipeline.partition import split_layers, stage_param_names
 
 
 @dataclass(frozen=True)
@@ -45,32 +46,6 @@ def _check(cfg):
         raise ValueError(f"stages must be in [2, layers={cfg.layers}], got {cfg.stages}")
     if cfg.replicas < 1 or cfg.steps < 1:
         raise ValueError(f"replicas and steps must be >= 1, got {cfg.replicas}, {cfg.steps}")
-
-
-def layer_ranges(num_layers, num_stages):
-    """Contiguous, near-equal layer ranges (first, last + 1) per stage."""
-    base, extra = divmod(num_layers, num_stages)
-    out, start = [], 0
-    for s in range(num_stages):
-        n = base + (1 if s < extra else 0)
-        out.append((start, start + n))
-        start += n
-    return out
-
-
-def stage_param_names(model, stage, num_stages, num_layers):
-    """Parameter names (full HF state-dict names) held by one stage."""
-    a, b = layer_ranges(num_layers, num_stages)[stage]
-    names = []
-    for n, _ in model.named_parameters():
-        if n.startswith("model.layers."):
-            if a <= int(n.split(".")[2]) < b:
-                names.append(n)
-        elif n.startswith("model.embed_tokens."):
-            names += [n] if stage == 0 else []
-        elif stage == num_stages - 1:
-            names.append(n)
-    return names
 
 
 def markov_sampler(vocab, task, seed):
@@ -145,7 +120,7 @@ def synthetic_delta(cfg, stage=2, steps=60):
 @functools.lru_cache(maxsize=8)
 def _synthetic_delta(cfg, stage, steps):
     base = base_model(cfg)
-    names = stage_param_names(base, stage, cfg.stages, cfg.layers)
+    names = stage_param_names(base, cfg.stages, stage)
     surrogate = copy.deepcopy(base)
     torch.manual_seed(1)
     _train(surrogate, markov_sampler(cfg.vocab, 7, 2), steps, cfg.lr, 8, cfg.seq_len, set(names))
@@ -171,8 +146,8 @@ class _Replica:
         self.model.train()
         named = dict(self.model.named_parameters())
         self.ctxs, self.opts, self.scheds, self.hooks = [], [], [], []
-        for s, rng in enumerate(layer_ranges(cfg.layers, cfg.stages)):
-            names = stage_param_names(self.model, s, cfg.stages, cfg.layers)
+        for s, rng in enumerate(split_layers(cfg.layers, cfg.stages)):
+            names = stage_param_names(self.model, cfg.stages, s)
             params = {n: named[n] for n in names}
             opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -192,7 +167,7 @@ class _Replica:
                 load_hooks(hooks_spec, s, replica, cfg.stages, cfg.replicas, **(hooks_kwargs or {}))
             )
         self._mb, self.live = 0, True
-        for s, (_, b) in enumerate(layer_ranges(cfg.layers, cfg.stages)[:-1]):
+        for s, (_, b) in enumerate(split_layers(cfg.layers, cfg.stages)[:-1]):
             self.model.model.layers[b - 1].register_forward_hook(self._boundary(s))
 
     def _boundary(self, s):

@@ -2,12 +2,27 @@
 
 import torch
 
-from fastdume.commands.demo import _load_dense, _uniform_average
-
 __all__ = ["load_dense", "random_routers", "task_arithmetic", "uniform_average"]
 
-load_dense = _load_dense  # a saved dense model folder -> the model, in eval mode
-uniform_average = _uniform_average
+
+def load_dense(path):
+    """A saved dense model folder -> the model, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def uniform_average(paths):
+    """Plain mean of the dense experts' parameters (the weight-averaging baseline)."""
+    model = load_dense(paths[0])
+    state = {k: v.float().clone() for k, v in model.state_dict().items()}
+    for path in paths[1:]:
+        for k, v in load_dense(path).state_dict().items():
+            state[k] += v.float()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k] / len(paths))
+    return model
 
 
 def task_arithmetic(base_path, expert_paths, alpha):

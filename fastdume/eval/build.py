@@ -5,9 +5,9 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from fastdume.moe import forced_expert
+from fastdume.merge.upcycle import upcycle
+from fastdume.models.modeling import forced_expert
 from fastdume.router import RouterStats, collect_stats, fit_router, shared_fingerprint, solve_router
-from fastdume.upcycle import upcycle
 
 STATS_MODES = ("oracle", "sequential")
 

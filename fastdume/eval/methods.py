@@ -15,7 +15,7 @@ from fastdume.eval import baselines
 from fastdume.eval.build import set_top_k
 from fastdume.eval.finetune import train_model
 from fastdume.eval.metrics import evaluate, mean_nll, retention
-from fastdume.moe import forced_expert
+from fastdume.models.modeling import forced_expert
 
 
 @dataclasses.dataclass

@@ -1,12 +1,13 @@
 """Per-domain perplexity, routing accuracy per layer, tokens/s, and retention."""
 
+import contextlib
 import math
 import time
 
 import torch
 
-from fastdume.commands.demo import _maybe_record
 from fastdume.data import token_nll
+from fastdume.ops.moe import route
 
 
 def evaluate(model, batches_of, domains, split="test", routing=False):
@@ -21,7 +22,7 @@ def evaluate(model, batches_of, domains, split="test", routing=False):
     for e, d in enumerate(domains):
         total, count = 0.0, 0
         counts = [[0, 0] for _ in model.dume_layers()] if routing else None
-        with torch.no_grad(), _maybe_record(model, counts) as state:
+        with torch.no_grad(), routing_recorder(model, counts) as state:
             for batch in batches_of(d, split):
                 if state is not None:
                     state["mask"], state["expert"] = batch["attention_mask"].bool(), e
@@ -36,6 +37,36 @@ def evaluate(model, batches_of, domains, split="test", routing=False):
         if routing:
             acc[d] = [hit / max(n, 1) for hit, n in counts]
     return {"ppl": ppl, "routing": acc, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+@contextlib.contextmanager
+def routing_recorder(model, counts):
+    """Count, per layer, tokens whose top-1 expert is the expected one (padding excluded).
+
+    counts: [[hits, tokens] per DUME layer], updated in place; None records nothing. Set the
+    yielded state's "mask" ([B, S] bool) and "expert" before each forward.
+    """
+    if counts is None:
+        yield None
+        return
+    state = {"mask": None, "expert": None}
+
+    def make_hook(index):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, ids = route(x, module.router.weight, module.router.bias, 1, module.temperature)
+            keep = state["mask"].reshape(-1)
+            counts[index][0] += int((ids[:, 0][keep] == state["expert"]).sum())
+            counts[index][1] += int(keep.sum())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(model.dume_layers())]
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def retention(dense_own, ppl):

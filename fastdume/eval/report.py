@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from fastdume._atomic import atomic_file
+
 
 def _row(cells):
     return "| " + " | ".join(cells) + " |"
@@ -114,8 +116,7 @@ def plot(results, out_dir):
 def _save(fig, path):
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
     return str(path)

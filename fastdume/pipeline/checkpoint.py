@@ -6,20 +6,15 @@ step in the metadata. Each file is written under a temporary name and renamed, s
 leaves half a checkpoint; a step counts as complete only when every stage's files are there.
 """
 
-import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from fastdume._atomic import save_safetensors
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _atomic_save(tensors, path, metadata):
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 def step_dir(root, step):
@@ -31,7 +26,7 @@ def save_stage(root, step, stage, params, optimizer):
     d = step_dir(root, step)
     d.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step), "stage": str(stage)}
-    _atomic_save(
+    save_safetensors(
         {n: p.detach().cpu().contiguous() for n, p in params.items()},
         d / f"stage_{stage}.safetensors",
         meta,
@@ -42,7 +37,7 @@ def save_stage(root, step, stage, params, optimizer):
         name = by_param[id(p)]
         for key, value in st.items():
             state[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().clone().contiguous()
-    _atomic_save(state, d / f"stage_{stage}.optim.safetensors", meta)
+    save_safetensors(state, d / f"stage_{stage}.optim.safetensors", meta)
 
 
 def latest_complete(root, num_stages):

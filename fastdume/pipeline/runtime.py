@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastdume._atomic import replace_directory, save_safetensors
 from fastdume._dist import process_group_backend
 from fastdume.pipeline import checkpoint
 from fastdume.pipeline.data import IGNORE, build_source
@@ -90,7 +91,7 @@ class Stage:
 
         transformers.utils.logging.disable_progress_bar()
 
-        import fastdume  # noqa: F401  (registers DUME models with the Auto classes)
+        import fastdume.models  # noqa: F401  (registers DUME with transformers)
 
         dtype = DTYPES[cfg.dtype]
         full = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
@@ -320,15 +321,13 @@ def _layer_range(model, s, S):
 
 
 def _save_model(model, src_dir, dest):
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in Path(src_dir).iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in _TOKENIZER_FILES):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return str(dest)
+    def fill(tmp):
+        model.save_pretrained(tmp)
+        for f in Path(src_dir).iterdir():
+            if f.is_file() and (f.name.startswith("tokenizer") or f.name in _TOKENIZER_FILES):
+                shutil.copy2(f, tmp / f.name)
+
+    return str(replace_directory(dest, fill))
 
 
 _TOKENIZER_FILES = ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -367,17 +366,12 @@ def run_rank(cfg, rank, world):
 def _save_hook_messages(cfg, stage):
     if not stage.ctx.messages:
         return
-    from safetensors.torch import save_file
-
     d = Path(cfg.out) / "hooks"
-    d.mkdir(parents=True, exist_ok=True)
     tensors = {
         f"{step}/{tag}/{i}": t.contiguous() for i, (step, tag, t) in enumerate(stage.ctx.messages)
     }
     path = d / f"stage{stage.stage}_replica{stage.replica}.safetensors"
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    save_safetensors(path, tensors)
 
 
 def init_and_run(cfg, rank, world):

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from fastdume.merge.sources import check_configs, check_tensors, open_sources
 from fastdume.router import collect_stats, fit_router, shared_fingerprint
-from fastdume.upcycle_sources import check_configs, check_tensors, open_sources
 
 _COLLECT_KEYS = ("max_tokens", "skip_first_token", "progress")
 
@@ -32,7 +32,7 @@ def _shared_mode(model, shared):
 
 
 def _dense_layout(model):
-    from fastdume.upcycle import dense_layout
+    from fastdume.merge.upcycle import dense_layout
 
     return dense_layout(model.config.dense_config())
 

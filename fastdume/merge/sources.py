@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 
-from fastdume.modeling_dume import FAMILIES
+from fastdume.models.modeling import FAMILIES
 
 # config fields that do not change the network (bookkeeping, generation defaults, dtype)
 IGNORED_CONFIG_FIELDS = frozenset(

@@ -10,13 +10,12 @@ from dataclasses import replace
 import torch
 
 from fastdume import _atomic
-
-from . import analysis, calibrate, sim
-from .recompute import llama_stage_forward, verify_recompute
-from .replica import replica_divergence
+from fastdume.defense import analysis, calibrate, sim
+from fastdume.defense.recompute import llama_stage_forward, verify_recompute
+from fastdume.defense.replica import replica_divergence
 
 HOOKS = "fastdume.defense.hooks:make_hooks"
-INJECT = "fastdume.defense.synthetic:injection_hooks"
+INJECT = "fastdume.attack.synthetic:injection_hooks"
 STATISTICAL = ("update_stats", "traffic")
 # Seeds: held-out clean runs 0.., the report's calibration 1000.., the statistical detectors'
 # extra held-out clean runs 2000.., the shipped statistical calibration 10000...
@@ -59,14 +58,6 @@ def attack_kwargs(spec, delta, stage, schedule):
             )
         return dict(delta=delta, attacker_stage=stage, attacker_replica=0, **sched)
     raise ValueError(f"attack_spec must be {INJECT!r} or {ATTACK_HOOKS!r}, got {spec!r}")
-
-
-def default_attack_spec():
-    try:
-        import fastdume.attack.inject  # noqa: F401
-    except ImportError:
-        return INJECT
-    return ATTACK_HOOKS
 
 
 def first_injection(schedule):
@@ -267,7 +258,7 @@ def run_defense_report(
     cfg = cfg or sim.SimConfig()
     cfg = replace(cfg, steps=steps or (30 if quick else 50))
     runner = runner or (lambda c, seed, spec, kw: sim.run(c, seed, spec, kw))
-    attack_spec = attack_spec or default_attack_spec()
+    attack_spec = attack_spec or ATTACK_HOOKS
     with _one_thread():
         delta = delta if delta is not None else sim.synthetic_delta(cfg, stage=attack_stage)
         verifier = _Verifier(cfg)
@@ -289,11 +280,9 @@ def run_defense_report(
             for d in STATISTICAL
         }
         sources = {d: f"Gumbel fit, {seeds} clean runs of this report" for d in STATISTICAL}
-        from . import ustats_calibration as ucal  # lazy: it also runs as __main__
-
         for d, rec in (
-            ("update_stats", ucal.shipped(cfg, fpr)),
-            ("traffic", ucal.shipped_traffic(cfg, fpr)),
+            ("update_stats", ustats_calibration.shipped(cfg, fpr)),
+            ("traffic", ustats_calibration.shipped_traffic(cfg, fpr)),
         ):
             if use_shipped and sim_driver and rec is not None:
                 thresholds[d] = rec["threshold"]

@@ -69,7 +69,7 @@ def accelerate(model, backend=None):
     backend: None (Triton on CUDA, torch elsewhere), "torch" or "triton". DUME models need no
     call (DumeMoE always uses fastdume.ops.moe); they are returned unchanged. Returns `model`.
     """
-    from fastdume.modeling_dume import DumeForCausalLM
+    from fastdume.models.modeling import DumeForCausalLM
 
     if isinstance(model, DumeForCausalLM):
         return model

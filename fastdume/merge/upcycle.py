@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from fastdume.modeling_dume import DumeConfig, DumeForCausalLM, family_class
-from fastdume.upcycle_sources import check_configs, check_tensors, check_vocabularies, open_sources
+from fastdume.merge.sources import check_configs, check_tensors, check_vocabularies, open_sources
+from fastdume.models.modeling import DumeConfig, DumeForCausalLM, family_class
 
 
 def _mlp_key(layer, part):

@@ -1,0 +1,153 @@
+"""Collecting router statistics: run a model with every layer forced to one domain's expert and
+accumulate the MoE inputs of all layers in one forward pass (sharded over ranks when
+torch.distributed is up)."""
+
+import contextlib
+import math
+from collections.abc import Mapping
+
+import torch
+
+from fastdume.models.modeling import forced_expert
+from fastdume.router.fingerprint import check_model, router_shape, shared_fingerprint
+from fastdume.router.stats import RouterStats
+
+
+class _StopForward(Exception):
+    """Raised after the last MoE input is captured: the rest of the forward is not needed."""
+
+
+def _as_batch(batch, device):
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise ValueError(f"a batch dict needs 'input_ids', got keys {sorted(batch)}")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    else:
+        raise TypeError(f"batches must yield dicts or tensors, got {type(batch).__name__}")
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S], got shape {tuple(ids.shape)}")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+    return ids.to(device), mask.to(device)
+
+
+def _token_mask(mask, skip_first_token, budget):
+    keep = mask.bool()
+    if skip_first_token:
+        first = (keep.long().cumsum(dim=1) == 1) & keep
+        keep = keep & ~first
+    if budget is not None:
+        # Keep the first `budget` kept tokens in row-major order.
+        keep = keep & (keep.reshape(-1).long().cumsum(0) <= budget).reshape(keep.shape)
+    return keep
+
+
+def _rank_budget(max_tokens):
+    if max_tokens is None:
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return math.ceil(max_tokens / dist.get_world_size())
+    return max_tokens
+
+
+def _is_main_rank():
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _collect_local(model, domain, batches, budget, skip_first_token, local, progress):
+    expert = list(model.config.domains).index(domain)
+    layers = model.dume_layers()
+    device = next(model.parameters()).device
+    state = {"mask": None}
+
+    def make_hook(index):
+        def hook(module, args):
+            local.update(index, args[0].reshape(state["mask"].shape + (-1,)), domain, state["mask"])
+            if index == len(layers) - 1:
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    bar = _progress(progress, budget, domain)
+    seen = 0
+    try:
+        with torch.no_grad(), forced_expert(model, expert):
+            for batch in batches:
+                ids, mask = _as_batch(batch, device)
+                state["mask"] = _token_mask(mask, skip_first_token, _left(budget, seen))
+                added = int(state["mask"].sum())
+                if added:
+                    with contextlib.suppress(_StopForward):
+                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    seen += added
+                    bar.update(added)
+                if budget is not None and seen >= budget:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        bar.close()
+    return seen
+
+
+def _left(budget, seen):
+    return None if budget is None else budget - seen
+
+
+def _progress(progress, total, domain):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"stats {domain}",
+        disable=not (progress and _is_main_rank()),
+    )
+
+
+def collect_stats(
+    model, domain, batches, max_tokens=None, skip_first_token=False, stats=None, progress=True
+):
+    """Statistics of one domain's data, with every layer forced to that domain's expert.
+
+    batches: iterable of dicts with "input_ids" [B, S] and optional "attention_mask" [B, S]
+    (padding excluded), or of input_ids tensors. All layers are captured in one forward pass.
+    max_tokens: bound on the tokens used (across ranks under torch.distributed).
+    stats: an existing RouterStats of this model to extend in place (more tokens or a new
+    domain); otherwise a new one holding just `domain` is returned.
+    Under torch.distributed each rank passes its own shard and the result is summed over ranks.
+    """
+    domains = list(model.config.domains)
+    if domain not in domains:
+        raise ValueError(f"domain must be one of the model's domains {domains}, got {domain!r}")
+    budget = _rank_budget(max_tokens)
+    num_layers, hidden = router_shape(model)
+    fingerprint = shared_fingerprint(model)
+    if stats is not None:
+        check_model(stats, model)
+    device = next(model.parameters()).device
+    local = RouterStats(num_layers, hidden, [domain], fingerprint, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        _collect_local(model, domain, batches, budget, skip_first_token, local, progress)
+    finally:
+        model.train(was_training)
+    local.all_reduce()
+    if local.tokens(domain) == 0:
+        raise ValueError(f"no tokens collected for domain {domain!r}: batches are empty or masked")
+    if stats is None:
+        return local
+    stats += local
+    stats.fingerprint = fingerprint
+    return stats
