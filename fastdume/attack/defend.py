@@ -13,6 +13,7 @@ from fastdume import _atomic
 from fastdume.defense import analysis, calibrate, sim
 from fastdume.defense.recompute import llama_stage_forward, verify_recompute
 from fastdume.defense.replica import replica_divergence
+from fastdume.pipeline.partition import split_layers
 
 HOOKS = "fastdume.defense.hooks:make_hooks"
 INJECT = "fastdume.attack.synthetic:injection_hooks"
@@ -80,7 +81,7 @@ class _Verifier:
 
     def __init__(self, cfg):
         mc = sim._model_config(cfg)
-        self.ranges = sim.layer_ranges(cfg.layers, cfg.stages)
+        self.ranges = split_layers(cfg.layers, cfg.stages)
         self.forward = {
             s: llama_stage_forward(mc, self.ranges[s]) for s in range(1, cfg.stages - 1)
         }
