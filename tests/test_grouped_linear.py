@@ -154,14 +154,15 @@ def test_custom_op_registration():
         torch.library.opcheck(torch.ops.fastdume.grouped_linear.default, args)
 
 
-def test_gather_rows_and_vectors():
+@pytest.mark.parametrize("check_ids", [True, False], ids=["checked", "unchecked"])
+def test_gather_rows_and_vectors(check_ids):
     g = torch.Generator().manual_seed(5)
     table = torch.randn(3, 11, 8, generator=g, requires_grad=True)
     norms = torch.randn(3, 8, generator=g, requires_grad=True)
     experts = torch.tensor([2, 0, 0, 2, 1, 2, 2])
     tokens = torch.tensor([10, 0, 3, 3, 7, 10, 1])
-    rows = gl.gather_rows(table, experts, tokens)
-    vectors = gl.gather_vectors(norms, experts)
+    rows = gl.gather_rows(table, experts, tokens, check_ids=check_ids)
+    vectors = gl.gather_vectors(norms, experts, check_ids=check_ids)
     for t in range(7):
         e, v = int(experts[t]), int(tokens[t])
         assert torch.equal(rows[t], table[e, v]) and torch.equal(vectors[t], norms[e])
@@ -228,5 +229,31 @@ def test_bad_gather_input_names_the_argument():
         gl.gather_vectors(table, experts)
     with pytest.raises(ValueError, match="expert_ids must be int64 or int32"):
         gl.gather_vectors(norms, experts.float())
-    with pytest.raises(IndexError):  # unchecked: torch's own bounds check, never a wrong row
-        gl.gather_rows(table, experts, tokens + 5, check_ids=False)
+    # Unchecked: torch's own bounds check, never another expert's row.
+    for bad_experts, bad_tokens in (
+        (experts, tokens + 5),
+        (experts - 1, tokens),
+        (experts + 1, tokens),
+    ):
+        with pytest.raises(IndexError):
+            gl.gather_rows(table, bad_experts, bad_tokens, check_ids=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 100, 2048])
+@pytest.mark.parametrize("n", [576 * 3, 49152], ids=["qkv", "lm_head"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_triton_at_model_shapes(num_tokens, n, dtype):
+    """The compiled kernel (every token class, bf16 with wgmma on sm_90) against float64, E 4
+    with expert 1 idle, and the same rows as the torch path within one output rounding."""
+    x, weight, ids, b = make(num_tokens, 4, 576, n, dtype=dtype, experts=[0, 2, 3])
+    x, weight, ids, b = (t.cuda() for t in (x, weight, ids, b))
+    with poisoned():
+        got = gl.grouped_linear(x, weight, ids, b)
+    want = torch.zeros(num_tokens, n, dtype=torch.float64, device="cuda")
+    for e in range(4):
+        rows = ids == e
+        want[rows] = x[rows].double() @ weight[e].double().T + b[e].double()
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got, gl.grouped_linear(x, weight, ids, b, backend="torch"))
