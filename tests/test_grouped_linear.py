@@ -120,6 +120,19 @@ def test_one_expert_for_every_token_and_strided_x():
         assert_matches(got, x, weight, ids, b)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_torch_path_contiguous_runs(bias):
+    """Experts 0 and 2 on contiguous runs (written in place without grad), expert 1 on two
+    separate runs (gathered): with and without autograd."""
+    x, weight, _, b = make(30, 3, 24, 40, bias=bias)
+    ids = torch.tensor([2] * 7 + [1] * 5 + [0] * 9 + [1] * 9)
+    with torch.no_grad(), poisoned():
+        got = gl.grouped_linear(x, weight, ids, b, backend="torch")
+    assert_matches(got, x, weight, ids, b)
+    leaf = weight.clone().requires_grad_()
+    assert_matches(gl.grouped_linear(x, leaf, ids, b, backend="torch").detach(), x, weight, ids, b)
+
+
 def test_no_tokens_and_int32_ids():
     x, weight, ids, b = make(0, 3, 16, 24)
     for backend in ("torch", "triton"):

@@ -10,20 +10,23 @@ Contract:
   gather_rows(table [E, V, H], expert_ids [T], token_ids [T]) -> [T, H]: table[e_t, v_t]
   gather_vectors(table [E, H], expert_ids [T]) -> [T, H]: table[e_t]
   check_ids=True reads the ids on the host to verify their range (a device sync on CUDA); pass
-  False for ids that come from a router. Unchecked gathers are still bounds-checked by torch.
+  False for ids that come from a router. Unchecked gathers are still bounds-checked by torch,
+  and so are expert ids on grouped_linear's torch path; on its Triton path a token with an
+  expert id outside 0..E-1 gets no output row written (as moe_experts with check_ids=False).
 
 grouped_linear's torch path groups tokens by expert and runs one matmul per expert on its own
-rows (one plain linear when a single expert has every token), so its cost is one dense linear
-plus the row gather and scatter, not E of them. The Triton path (backend="triton"; the default on
-CUDA) is kernels/moe_align.py (block-aligned dispatch, k = 1) + kernels/grouped_linear.py (one
-GEMM launch for any N: q/k/v fused, o, LM head). It is the custom op `fastdume::grouped_linear`
-(opaque to torch.compile, with a fake implementation); its backward is torch ops, not kernels
-(`grouped_linear_backward`: grouped per expert like the forward). The torch path's autograd is
-torch's own.
+rows (one plain linear when a single expert has every token; an expert whose tokens form one
+contiguous run writes its slice of the output in place when no gradient is wanted), so its cost
+is one dense linear plus the row gather and scatter, not E of them. The Triton path
+(backend="triton"; the default on CUDA) is kernels/moe_align.py (block-aligned dispatch, k = 1)
++ kernels/grouped_linear.py (one GEMM launch for any N: q/k/v fused, o, LM head). It is the
+custom op `fastdume::grouped_linear` (opaque to torch.compile, with a fake implementation); its
+backward is torch ops, not kernels (`grouped_linear_backward`: grouped per expert like the
+forward). The torch path's autograd is torch's own.
 
 The gathers are torch indexing on every device: each is a single memory-bound gather launch
-already (index_select of whole rows), which a Triton kernel could at best tie. benches/
-bench_grouped_linear.py times them against a dense embedding lookup of the same size on a GPU.
+already (a lookup of whole rows in the flattened table), which a Triton kernel could at best
+tie. benches/bench_grouped_linear.py times them against dense lookups of the same size.
 
 Launch configs of the GEMM are data (CONFIGS below), keyed by token class; with
 FASTDUME_MOE_AUTOTUNE=1 (the MoE GEMMs' switch) each (device, shape, power-of-two token bucket)
@@ -135,9 +138,26 @@ def grouped_linear_torch(x, weight, expert_ids, bias=None):
         e = groups[0][0]
         return F.linear(x, weight[e], None if bias is None else bias[e])
     out = x.new_empty(x.shape[0], weight.shape[1])
+    # out= has no autograd: write in place only when no gradient is wanted.
+    in_place = not _wants_grad(x, weight, bias)
     for e, rows in groups:
-        out[rows] = F.linear(x[rows], weight[e], None if bias is None else bias[e])
+        b = None if bias is None else bias[e]
+        first, last = int(rows[0]), int(rows[-1])
+        if in_place and last - first + 1 == rows.numel():
+            # A contiguous run of tokens (a sequence on one expert): no gather, no scatter copy.
+            run = slice(first, last + 1)
+            w = weight[e].T
+            if b is None:
+                torch.mm(x[run], w, out=out[run])
+            else:
+                torch.addmm(b, x[run], w, out=out[run])
+        else:
+            out[rows] = F.linear(x[rows], weight[e], b)
     return out
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def grouped_linear(x, weight, expert_ids, bias=None, backend=None, check_ids=True):
