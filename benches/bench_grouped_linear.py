@@ -2,12 +2,12 @@
 linear of the same [T, K] x [K, N] shape measured in the same run (the cost floor: a routed-model
 projection cannot do less work than the dense model's).
 
-CPU (torch path, fp32; bf16 for q/k/v): the SmolLM2-135M projections (K 576; N 3*576 fused
-q/k/v, 576 o, 49152 LM head) at T 2048, E 4, with tokens routed uniformly at random (the worst
-case for the row gather and scatter) and in contiguous runs (what context routing tends to give).
-The two are timed alternately, so load on the machine hits both. Also the per-token gathers:
-the embedding rows against a dense embedding lookup, and a norm weight applied per token
-(x * gather_vectors) against the dense model's broadcast multiply.
+CPU (torch path, fp32; bf16 for q/k/v): the SmolLM2-135M projections (K 576; N 576+2*192 fused
+q/k/v with GQA, 576 o, 49152 LM head) at T 2048, E 4, with tokens routed uniformly at random
+(the worst case for the row gather and scatter) and in contiguous runs (what context routing
+tends to give). Grouped and dense are timed alternately, so load on the machine hits both. Also
+the per-token gathers: the embedding rows against a dense embedding lookup, and a norm weight
+applied per token (x * gather_vectors) against the dense model's broadcast multiply.
 GPU (marked `gpu`): SmolLM2-135M and a Llama-1B-like model (K 2048; N 2048+2*512 q/k/v with GQA,
 2048 o, 128256 LM head), E 4, bf16, T in {1, 16, 128, 1024, 4096}: the Triton path against the
 dense cuBLAS linear and the torch path; extra_info has the time eagerly and under CUDA graph
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from fastdume.ops import grouped_linear as gl
 
 NUM_EXPERTS = 4
-SMOLLM2 = {"qkv": (576, 3 * 576), "o": (576, 576), "lm_head": (576, 49152)}  # name: (K, N)
+# name: (K, N); SmolLM2-135M has 9 query and 3 key/value heads of 64, Llama-3.2-1B 32 and 8.
+SMOLLM2 = {"qkv": (576, 576 + 2 * 192), "o": (576, 576), "lm_head": (576, 49152)}
 LLAMA_1B = {"qkv": (2048, 2048 + 2 * 512), "o": (2048, 2048), "lm_head": (2048, 128256)}
 GPU_SHAPES = {**{f"smollm2_{k}": v for k, v in SMOLLM2.items()},
               **{f"llama1b_{k}": v for k, v in LLAMA_1B.items()}}  # fmt: skip
