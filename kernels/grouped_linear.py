@@ -11,8 +11,8 @@ token's result does not depend on the rest of the batch within one config).
 Grid: (cdiv(T + E*(BLOCK_M-1), BLOCK_M), cdiv(N, BLOCK_N)); blocks past the used ones read
 expert -1 and return at once. The row-block index varies fastest, so the programs running side
 by side share one weight column tile: each W tile comes from DRAM about once and the small x
-(T*K) stays in L2. Launches per call: 2 (align, GEMM), whatever N is; the LM head (N ~ 50k-128k)
-is just more column tiles.
+(T*K) stays in L2. Launches per call: align's (moe_align.py) + 1 GEMM, whatever N is; the LM
+head (N ~ 50k-128k) is just more column tiles.
 
 Tiles (configs as data in fastdume/ops/grouped_linear.py, keyed by token class): BLOCK_M 16 for
 decode-sized T (little padding waste; the weight stream is the cost), 64-128 for prefill so the
