@@ -1,4 +1,4 @@
-"""MoE routing in one kernel: fp32 logits (bias, temperature), top-k, softmax over the k, counts.
+"""MoE routing in one kernel: fp32 logits (bias, temperature), top-k, softmax over the k.
 
 Semantics match fastdume.ops.moe.route_torch: NaN logits count as -inf, ties go to the lower
 expert index, a token whose selected scores are all -inf gets 1/k on experts picked in index order.
@@ -6,6 +6,9 @@ expert index, a token whose selected scores are all -inf gets 1/k on experts pic
 Tiles: BLOCK_T = 16 tokens per program (the smallest tl.dot M) and the whole expert axis padded to
 BLOCK_E >= 16 in registers, so the top-k runs on the logits without touching memory again;
 BLOCK_H = 64 keeps the x and W tiles at 4 KiB each in fp32.
+
+Tokens per expert are not counted here: kernels/moe_align.py counts them once, in the kernel that
+needs them (no atomics, no zero-filled buffer to launch).
 """
 
 import torch
@@ -20,7 +23,6 @@ def moe_route_kernel(
     b_ptr,  # [E] router bias or a dummy pointer when HAS_BIAS is False
     weights_ptr,  # [T, TOP_K] fp32 out
     ids_ptr,  # [T, TOP_K] int64 out
-    counts_ptr,  # [E] int32 in/out: tokens per expert (integer atomics: order-free, exact)
     T,
     H,
     E,
@@ -86,19 +88,17 @@ def moe_route_kernel(
     keep = row_ok[:, None] & slot_ok
     tl.store(weights_ptr + out, p, mask=keep)
     tl.store(ids_ptr + out, top_ids, mask=keep)
-    tl.atomic_add(counts_ptr + top_ids, tl.full((BLOCK_T, BLOCK_K), 1, tl.int32), mask=keep)
 
 
 def route(hidden_states, router_weight, router_bias, top_k, temperature):
-    """-> (topk_weights [T, k] fp32, topk_ids [T, k] int64, counts [E] int32)."""
+    """-> (topk_weights [T, k] fp32, topk_ids [T, k] int64): one launch, no host sync."""
     num_tokens, hidden = hidden_states.shape
     num_experts = router_weight.shape[0]
     device = hidden_states.device
     weights = torch.empty(num_tokens, top_k, device=device, dtype=torch.float32)
     ids = torch.empty(num_tokens, top_k, device=device, dtype=torch.int64)
-    counts = torch.zeros(num_experts, device=device, dtype=torch.int32)
     if num_tokens == 0:
-        return weights, ids, counts
+        return weights, ids
     block_t = 16
     grid = (triton.cdiv(num_tokens, block_t),)
     moe_route_kernel[grid](
@@ -107,7 +107,6 @@ def route(hidden_states, router_weight, router_bias, top_k, temperature):
         router_weight if router_bias is None else router_bias.contiguous(),
         weights,
         ids,
-        counts,
         num_tokens,
         hidden,
         num_experts,
@@ -120,4 +119,4 @@ def route(hidden_states, router_weight, router_bias, top_k, temperature):
         BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
         BLOCK_H=64,
     )
-    return weights, ids, counts
+    return weights, ids

@@ -56,7 +56,7 @@ def _gemm_specs():
 
 def _small_specs(arch):
     route_sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "weights_ptr": "*fp32",
-                 "ids_ptr": "*i64", "counts_ptr": "*i32", "T": "i32", "H": "i32", "E": "i32",
+                 "ids_ptr": "*i64", "T": "i32", "H": "i32", "E": "i32",
                  "temperature": "fp32", "stride_xt": "i32"}  # fmt: skip
     route_c = {"HAS_BIAS": True, "TOP_K": 2, "BLOCK_K": 2, "BLOCK_T": 16, "BLOCK_E": 16,
                "BLOCK_H": 64}  # fmt: skip
