@@ -331,17 +331,22 @@ def test_configs_shipped_and_default():
     data = moe_configs.load_file(moe_configs.file_name(h100))
     key = moe_configs.shape_key(5, 768, 3072, torch.bfloat16)
     buckets = data["shapes"][key]["buckets"]
-    assert moe_configs.get_config(5, 768, 3072, torch.bfloat16, h100, 1) == buckets[0]["config"]
-    assert (
-        moe_configs.get_config(5, 768, 3072, torch.bfloat16, h100, 10**6) == (buckets[-1]["config"])
+
+    def full(config):  # a file's config with the design defaults filled in
+        return moe_configs.validate(config, "test")
+
+    assert moe_configs.get_config(5, 768, 3072, torch.bfloat16, h100, 1) == full(
+        buckets[0]["config"]
+    )
+    assert moe_configs.get_config(5, 768, 3072, torch.bfloat16, h100, 10**6) == full(
+        buckets[-1]["config"]
     )
     default = moe_configs.load_file("default.json")["buckets"]
-    assert (
-        moe_configs.get_config(3, 100, 200, torch.float32, "Unknown GPU", 1)
-        == (default[0]["config"])
+    assert moe_configs.get_config(3, 100, 200, torch.float32, "Unknown GPU", 1) == full(
+        default[0]["config"]
     )
-    assert (
-        moe_configs.get_config(5, 768, 3072, torch.bfloat16, None, 5000) == (default[-1]["config"])
+    assert moe_configs.get_config(5, 768, 3072, torch.bfloat16, None, 5000) == full(
+        default[-1]["config"]
     )
     with pytest.raises(ValueError, match="BLOCK_M"):
         moe_configs.validate({"gemm1": {}, "gemm2": {}}, "test")

@@ -11,15 +11,17 @@ that of one dense MLP per routed token, not E of them.
 The Triton path (backend="triton"; the default on CUDA) is kernels/moe_routing.py (routing),
 kernels/moe_align.py (block-aligned dispatch) and kernels/moe_grouped.py (two grouped GEMMs and a
 fixed-order k-reduction). Its expert part is the custom op `fastdume::moe_experts` (opaque to
-torch.compile, with a fake implementation). Backward: torch ops, not kernels (experts_backward
-below: grouped per expert like the forward, per-slot dx summed over k in a fixed order); router
+torch.compile, with a fake implementation). fused_moe resolves the backend once and, on Triton,
+chooses one launch config (ops/moe_configs) before routing, used by every kernel of the call.
+Backward: torch ops, not kernels (experts_backward in ops/moe_triton.py: grouped per expert like
+the forward, per-slot dx summed over k in a fixed order); router
 gradients flow through a torch re-computation of the k selected logits and their softmax.
 """
 
 import torch
 import torch.nn.functional as F
 
-from fastdume.ops import _backend, moe_triton  # noqa: F401  (registers fastdume::moe_experts)
+from fastdume.ops import _backend, moe_triton
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -181,11 +183,28 @@ def _check_triton_dtype(which, hidden_states):
 
 def _experts(which, hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj):
     """The expert part on an already resolved backend (the arguments are checked)."""
-    if which == "triton":
-        return torch.ops.fastdume.moe_experts(
-            hidden_states.contiguous(), topk_weights, topk_ids, gate_up_proj, down_proj
-        )
-    return experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
+    if which == "torch":
+        return experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
+    x = hidden_states.contiguous()
+    config = moe_triton.choose_config(
+        x, gate_up_proj, down_proj, topk_ids.shape[1], routing=(topk_weights, topk_ids)
+    )
+    return moe_triton.experts(x, topk_weights, topk_ids, gate_up_proj, down_proj, config)
+
+
+def _fused_triton(x, router_weight, router_bias, gate_up_proj, down_proj, top_k, temperature):
+    """fused_moe on Triton: one config for the whole call, chosen before routing, so that a
+    FUSED_ROUTING config can route and align in one launch."""
+    x = x.contiguous()
+    router = (router_weight.detach(), None if router_bias is None else router_bias.detach())
+    config = moe_triton.choose_config(
+        x, gate_up_proj, down_proj, top_k, router=(*router, temperature)
+    )
+    kern = _backend.kernels("moe_grouped", x.device)
+    weights, ids, aligned = kern.dispatch(x.detach(), *router, top_k, temperature, config)
+    if _wants_grad(x, router_weight, router_bias):
+        weights = _selected_softmax(x, router_weight, router_bias, ids, temperature)
+    return moe_triton.experts(x, weights, ids, gate_up_proj, down_proj, config, aligned)
 
 
 def fused_moe(
@@ -205,5 +224,9 @@ def fused_moe(
     _check_experts(hidden_states, None, gate_up_proj, down_proj, check_ids=False)
     which = _backend.resolve(backend, hidden_states.device)
     _check_triton_dtype(which, hidden_states)
-    weights, ids = _route(which, hidden_states, router_weight, router_bias, top_k, temperature)
-    return _experts(which, hidden_states, weights, ids, gate_up_proj, down_proj)
+    if which == "triton":
+        return _fused_triton(
+            hidden_states, router_weight, router_bias, gate_up_proj, down_proj, top_k, temperature
+        )
+    weights, ids = route_torch(hidden_states, router_weight, router_bias, top_k, temperature)
+    return experts_torch(hidden_states, weights, ids, gate_up_proj, down_proj)
