@@ -24,7 +24,10 @@ between steps. Dots take PRECISION ("tf32x3" on GPU: fp32-level products on tens
 n <= 128 (SMALL_N): small_kernel runs all of it in one program per matrix (grid (B,), 1 launch for
 factor + solve of the whole batch; each block column's three steps and the two solves are
 separated by barriers inside the program, the 64 KiB matrix stays in L1/L2), so many small
-systems pay one launch instead of 3 per block column + 2.
+systems pay one launch instead of 3 per block column + 2. Its tiles: BS = 32 (n = 65 is three
+block columns, each a 32-step register factorisation and tensor-core dots), BM = 16 right-hand
+sides per pass (the smallest dot N; routers have about 8 experts), num_stages = 1 (every loop
+reads what the previous barrier published: nothing to prefetch).
 Tile shapes: BS = BT = 64 (32 for n <= 128), BR = 64 on GPU: the register factorisation of a
 64 x 64 block is 64 short steps, and a 64-deep dot keeps the update on tensor cores while the
 trailing tile grid still has hundreds of programs at n >= 1k; the interpreter tests use 16

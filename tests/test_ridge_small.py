@@ -170,3 +170,30 @@ def test_launch_graphs_capture_on_second_sight_and_replay():
     api.stream = 7
     graphs.run(("a",), launch("a"))
     assert ran[-1] == ("a", False) and len(graphs.graphs) <= 2
+
+
+@pytest.mark.gpu
+def test_gpu_blocked_path_replays_a_cuda_graph():
+    """n = 300: the blocked path eager once, then captured and replayed, same answers."""
+    from fastdume.kernels.cholesky import GRAPHS
+
+    A = _spd(2, 300, 1e4, scale=5.0).cuda()
+    B = torch.randn(2, 300, 4, dtype=torch.float64).cuda()
+    before = GRAPHS.stats["replayed"]
+    runs = [ridge.ridge_solve(A, B, 1e-3) for _ in range(3)]
+    assert GRAPHS.stats["replayed"] > before
+    for W in runs:
+        assert (_residual(A, B, 1e-3, W) <= 1e-12).all()
+    torch.testing.assert_close(runs[2], runs[0], rtol=0, atol=1e-12 * runs[0].abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_many_small_systems():
+    torch.manual_seed(4)
+    x = torch.randn(1000, 130, 65, dtype=torch.float64, device="cuda")
+    A = x.mT @ x / 130
+    B = torch.randn(1000, 65, 8, dtype=torch.float64, device="cuda")
+    W = ridge.ridge_solve(A, B, 1e-2)
+    assert (_residual(A, B, 1e-2, W) <= 1e-12).all()
+    ref = ridge.ridge_solve(A, B, 1e-2, backend="torch")
+    torch.testing.assert_close(W, ref, rtol=0, atol=1e-10 * ref.abs().max().item())
