@@ -16,6 +16,8 @@
 # --rerun-failed reads such a failed.txt (default benches/gpu_failed.txt: copy the last run's
 # failed.txt there, it travels with the working tree) and reruns only those tests and steps
 # (BUDGET 230 s), installing first when this machine does not have this tree installed.
+# Give the device call a wall-clock limit of at least BUDGET + 40 s (e.g. 560 s for `all`, 270 s
+# for a rerun), so that the deadline, not the caller, ends the session and the results get packed.
 set -u
 repo=$(pwd)
 res=$OUT/results
