@@ -196,3 +196,58 @@ def test_gpu_fused_moe(benchmark, shape, num_tokens):
         graph_dense_gemm_us=g_gemm * 1e6, graph_bandwidth_floor_share=floor / g,
         graph_dense_gemm_share=g_gemm / g, graph_speedup_vs_hf_grouped_mm=g_hf / g,
     )  # fmt: skip
+
+
+def design_variant(config, design):
+    """`config` with one design option of fastdume/ops/moe_configs switched on."""
+    if design == "swap_ab":  # the weight side must fill a wgmma M of 64
+        swap = lambda g: {**g, "SWAP_AB": True, "BLOCK_N": max(64, g["BLOCK_N"])}  # noqa: E731
+        return {**config, "gemm1": swap(config["gemm1"]), "gemm2": swap(config["gemm2"])}
+    if design == "split_k":
+        return {**config, "gemm2": {**config["gemm2"], "SPLIT_K": 4}}
+    return {**config, "FUSED_ROUTING": True}
+
+
+DESIGNS = ("swap_ab", "split_k", "fused_routing")
+
+
+def _design_case(benchmark, x, rw, rb, gu, dn, top_k, design):
+    """The shipped config against the same config with `design` on, same inputs, same run."""
+    from fastdume.ops import _backend, moe_triton
+
+    kern = _backend.kernels("moe_grouped", x.device)
+    base = moe_triton.choose_config(x, gu, dn, top_k, router=(rw, rb, 1.0))
+    variant = design_variant(base, design)
+    run = lambda cfg: kern.forward(x, rw, rb, gu, dn, top_k, 1.0, cfg)  # noqa: E731
+    out = benchmark(run, variant)
+    want = moe.fused_moe(x, rw, rb, gu, dn, top_k=top_k, backend="torch")
+    torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=3e-2)
+    return base, variant, run
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_cpu_design_smoke(benchmark, design):
+    """Each design option's bench path under the Triton interpreter, tiny shape: checks the
+    result; interpreter times say nothing about a GPU, so no ratio is reported here."""
+    x, rw, rb, gu, dn = make(5, 3, 32, 48, torch.float32)
+    _design_case(benchmark, x, rw, rb, gu, dn, 2, design)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 128])
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
+def test_gpu_design(benchmark, shape, design, num_tokens):
+    """Design option vs the shipped config for this card (plain design where no tuned file has
+    the option yet): GPU time under CUDA graphs and eager wall time; ratio > 1 = option faster."""
+    num_experts, hidden, inter, top_k = GPU_SHAPES[shape]
+    x, rw, rb, gu, dn = make(num_tokens, num_experts, hidden, inter, torch.bfloat16, "cuda")
+    base, variant, run = _design_case(benchmark, x, rw, rb, gu, dn, top_k, design)
+    sync = torch.cuda.synchronize
+    t_base, t_var = seconds(lambda: run(base), 20, sync), seconds(lambda: run(variant), 20, sync)
+    g_base, g_var = graph_seconds(lambda: run(base), 50), graph_seconds(lambda: run(variant), 50)
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(), base_config=base, design_config=variant,
+        base_us=t_base * 1e6, design_us=t_var * 1e6, speedup=t_base / t_var,
+        graph_base_us=g_base * 1e6, graph_design_us=g_var * 1e6, graph_speedup=g_base / g_var,
+    )  # fmt: skip

@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from fastdume.ops import gram as gram_ops
+from fastdume.ops import ridge as ridge_ops
 from fastdume.ops.gram import gram_accumulate, symmetrize
 from fastdume.ops.ridge import ridge_solve
 
@@ -111,6 +113,13 @@ def _solve_case(benchmark, layers, n, device):
     t_lu = _time(lambda: torch.linalg.solve(M, B))
     t_chol = _time(lambda: torch.cholesky_solve(B, torch.linalg.cholesky(M)))
     res = torch.linalg.matrix_norm(M @ W - B) / torch.linalg.matrix_norm(B)
+    if backend == "triton" and n <= ridge_ops.SMALL_N:  # one program per matrix vs blocked
+        blocked = lambda: ridge_ops.ridge_solve_triton(A, B, lam, config={"small": False})
+        benchmark.extra_info["speedup_vs_blocked_path"] = _time(blocked) / t_ours
+    if backend == "triton":
+        from fastdume.kernels.cholesky import GRAPHS
+
+        benchmark.extra_info["launch_graphs"] = dict(GRAPHS.stats)
     benchmark.extra_info.update(
         {
             "backend": backend,
@@ -144,3 +153,36 @@ def test_gram_gpu(benchmark, h, layers):
 @pytest.mark.parametrize("layers,n", GPU_SOLVE)
 def test_solve_gpu(benchmark, layers, n):
     _solve_case(benchmark, layers, n, torch.device("cuda"))
+
+
+# Gram schedule options of kernels/gram.py against the shipped default config, same data.
+SCHEDULES = {
+    "deep_n128": {"block_n": 128, "num_warps": 8, "num_stages": 2},
+    "grouped8": {"group_h": 8},
+    "ordered_split4": {"split_k": 4, "ordered_split": True},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("h", [768, 4096])
+def test_gram_schedule_gpu(benchmark, h, schedule):
+    x = _hidden(1, 65536, h, "cuda", torch.bfloat16)
+    gram, colsum = torch.zeros(1, h, h, device="cuda"), torch.zeros(1, h, device="cuda")
+    tiles = -(-h // 128)
+    default = gram_ops._config(x, False, tiles * (tiles + 1) // 2)
+    cfg = {**default, **SCHEDULES[schedule]}
+    ours = lambda: gram_ops.gram_accumulate_triton(x, gram, colsum, config=cfg)
+    benchmark(ours)
+    t_ours = _time(ours)
+    t_default = _time(lambda: gram_ops.gram_accumulate_triton(x, gram, colsum, config=default))
+    t_bf16 = _time(lambda: x[0].T @ x[0])
+    gram.zero_()
+    gram_ops.gram_accumulate_triton(x, gram, colsum, config=cfg)
+    exact = x[0].double().T @ x[0].double()
+    err = torch.linalg.norm(symmetrize(gram[0]).double() - exact) / torch.linalg.norm(exact)
+    benchmark.extra_info.update(
+        {"config": cfg, "ours_s": t_ours, "speedup_vs_default_config": t_default / t_ours,
+         "speedup_vs_torch_bf16_full": t_bf16 / t_ours, "rel_err_vs_float64": float(err)}
+    )  # fmt: skip
+    assert err < 1e-4

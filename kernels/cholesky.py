@@ -11,15 +11,32 @@ Then solve_kernel, grid (batch, RHS chunks), runs the forward (L Y = B) and the 
 (L^T X = Y) substitution block by block, each block a tl.dot with the off-diagonal blocks already
 solved and one product with the stored inverse diagonal block.
 
-Launches: 3 per block column + 2 per solve, issued asynchronously from a host loop (neither a
-persistent kernel nor a captured CUDA graph yet). The matrix stays in global memory/L2 between
-steps. Dots take PRECISION ("tf32x3" on GPU: fp32-level products on tensor cores).
+Launches: 3 per block column + 2 per solve, issued asynchronously from a host loop. On CUDA the
+loop is captured in a CUDA graph (`LaunchGraphs`, graph=True): the second call with the same
+tensors (addresses, shapes, strides), tiles and stream captures it and every later one replays
+it, so the whole factorisation is one graph launch. Why a graph and not a persistent kernel: each
+step needs every program of the previous step finished; inside one launch that is a grid-wide
+barrier, which is only safe when every program is resident at once (Triton does not guarantee
+co-residency, and 1000 matrices x hundreds of tiles are not) and which deadlocks under the
+interpreter (programs run one after another), so it could not be tested on a CPU. The graph keeps
+the tested kernels and removes the per-launch host cost. The matrix stays in global memory/L2
+between steps. Dots take PRECISION ("tf32x3" on GPU: fp32-level products on tensor cores).
+n <= 128 (SMALL_N): small_kernel runs all of it in one program per matrix (grid (B,), 1 launch for
+factor + solve of the whole batch; each block column's three steps and the two solves are
+separated by barriers inside the program, the 64 KiB matrix stays in L1/L2), so many small
+systems pay one launch instead of 3 per block column + 2. Its tiles: BS = 32 (n = 65 is three
+block columns, each a 32-step register factorisation and tensor-core dots), BM = 16 right-hand
+sides per pass (the smallest dot N; routers have about 8 experts), num_stages = 1 (every loop
+reads what the previous barrier published: nothing to prefetch).
 Tile shapes: BS = BT = 64 (32 for n <= 128), BR = 64 on GPU: the register factorisation of a
 64 x 64 block is 64 short steps, and a 64-deep dot keeps the update on tensor cores while the
 trailing tile grid still has hundreds of programs at n >= 1k; the interpreter tests use 16
 through the same constexprs.
 Only the lower triangle of the working matrix is read or written.
 """
+
+import collections
+import threading
 
 import torch
 import triton
@@ -63,6 +80,26 @@ def _invert_lower(low, diag, PRECISION: tl.constexpr, BS: tl.constexpr, LOG_BS: 
 
 
 @triton.jit
+def _factor_diag(a_mat, d_blk, n, k0, stride_ar, stride_ac, PRECISION: tl.constexpr,
+                 BS: tl.constexpr, LOG_BS: tl.constexpr):  # fmt: skip
+    """Factors the diagonal block at k0 in place, stores its inverse at d_blk ([BS, BS]);
+    -> the first failed pivot's index in the block, BS if none failed."""
+    idx = tl.arange(0, BS)
+    r = (k0 + idx)[:, None]
+    c = (k0 + idx)[None, :]
+    inside = (r < n) & (c < n) & (r >= c)
+    blk = tl.load(a_mat + r * stride_ar + c * stride_ac, mask=inside, other=0.0)
+    blk = tl.where((r >= n) & (r == c), 1.0, blk)  # identity padding past n is harmless
+
+    low, pivots = _factor_block(blk, BS)
+    failed = ~(pivots > 0.0)  # NaN fails too
+    inv = _invert_lower(low, tl.sqrt_rn(tl.where(failed, 1.0, pivots)), PRECISION, BS, LOG_BS)
+    tl.store(a_mat + r * stride_ar + c * stride_ac, low, mask=inside)
+    tl.store(d_blk + idx[:, None] * BS + idx[None, :], inv)
+    return tl.min(tl.where(failed, idx, BS), axis=0)
+
+
+@triton.jit
 def factor_diag_kernel(
     a_ptr,  # [B, n, n] fp32 working matrix, lower triangle overwritten by L
     dinv_ptr,  # [B, nblocks, BS, BS] fp32 inverses of the diagonal blocks
@@ -79,23 +116,26 @@ def factor_diag_kernel(
     LOG_BS: tl.constexpr,  # log2(BS): the number of squarings in _invert_lower
 ):
     b = tl.program_id(0).to(tl.int64)
-    a_mat = a_ptr + b * stride_ab
-    idx = tl.arange(0, BS)
-    r = (k0 + idx)[:, None]
-    c = (k0 + idx)[None, :]
-    inside = (r < n) & (c < n) & (r >= c)
-    blk = tl.load(a_mat + r * stride_ar + c * stride_ac, mask=inside, other=0.0)
-    blk = tl.where((r >= n) & (r == c), 1.0, blk)  # identity padding past n is harmless
-
-    low, pivots = _factor_block(blk, BS)
-    failed = ~(pivots > 0.0)  # NaN fails too
-    inv = _invert_lower(low, tl.sqrt_rn(tl.where(failed, 1.0, pivots)), PRECISION, BS, LOG_BS)
-    tl.store(a_mat + r * stride_ar + c * stride_ac, low, mask=inside)
-    d_ptrs = dinv_ptr + b * stride_db + (k0 // BS) * stride_dk + idx[:, None] * BS + idx[None, :]
-    tl.store(d_ptrs, inv)
-    fail = tl.min(tl.where(failed, idx, BS), axis=0)
+    d_blk = dinv_ptr + b * stride_db + (k0 // BS) * stride_dk
+    fail = _factor_diag(
+        a_ptr + b * stride_ab, d_blk, n, k0, stride_ar, stride_ac, PRECISION, BS, LOG_BS
+    )
     old = tl.load(info_ptr + b)
     tl.store(info_ptr + b, tl.where((old == 0) & (fail < BS), k0 + fail + 1, old))
+
+
+@triton.jit
+def _panel_rows(a_mat, d_blk, n, k0, row0, stride_ar, stride_ac, PRECISION: tl.constexpr,
+                BS: tl.constexpr, BR: tl.constexpr):  # fmt: skip
+    """L21 = A21 L11^-T for the BR panel rows from row0 (below the diagonal block at k0)."""
+    idx = tl.arange(0, BS)
+    inv = tl.load(d_blk + idx[:, None] * BS + idx)
+    prow = row0 + tl.arange(0, BR)
+    c = (k0 + idx)[None, :]
+    p_ptrs = a_mat + prow[:, None] * stride_ar + c * stride_ac
+    pmask = (prow[:, None] < n) & (c < n)
+    a21 = tl.load(p_ptrs, mask=pmask, other=0.0)
+    tl.store(p_ptrs, tl.dot(a21, tl.trans(inv), input_precision=PRECISION), mask=pmask)
 
 
 @triton.jit
@@ -115,31 +155,15 @@ def panel_kernel(
 ):
     """L21 = A21 L11^-T for one BR-row chunk of the panel below the diagonal block."""
     b = tl.program_id(1).to(tl.int64)
-    a_mat = a_ptr + b * stride_ab
-    idx = tl.arange(0, BS)
-    inv = tl.load(dinv_ptr + b * stride_db + (k0 // BS) * stride_dk + idx[:, None] * BS + idx)
-    prow = k0 + BS + tl.program_id(0) * BR + tl.arange(0, BR)
-    c = (k0 + idx)[None, :]
-    p_ptrs = a_mat + prow[:, None] * stride_ar + c * stride_ac
-    pmask = (prow[:, None] < n) & (c < n)
-    a21 = tl.load(p_ptrs, mask=pmask, other=0.0)
-    tl.store(p_ptrs, tl.dot(a21, tl.trans(inv), input_precision=PRECISION), mask=pmask)
+    d_blk = dinv_ptr + b * stride_db + (k0 // BS) * stride_dk
+    row0 = k0 + BS + tl.program_id(0) * BR
+    _panel_rows(a_ptr + b * stride_ab, d_blk, n, k0, row0, stride_ar, stride_ac, PRECISION, BS, BR)
 
 
 @triton.jit
-def update_kernel(
-    a_ptr,
-    n,
-    k0,
-    stride_ab,
-    stride_ar,
-    stride_ac,
-    PRECISION: tl.constexpr,
-    BS: tl.constexpr,
-    BT: tl.constexpr,
-):
-    ti, tj = lower_tile_coords(tl.program_id(0))
-    a_mat = a_ptr + tl.program_id(1).to(tl.int64) * stride_ab
+def _update_tile(a_mat, n, k0, ti, tj, stride_ar, stride_ac, PRECISION: tl.constexpr,
+                 BS: tl.constexpr, BT: tl.constexpr):  # fmt: skip
+    """A22 -= L21 L21^T on the trailing lower tile (ti, tj) of the step at k0."""
     start = k0 + BS
     rows = start + ti * BT + tl.arange(0, BT)
     cols = start + tj * BT + tl.arange(0, BT)
@@ -163,30 +187,30 @@ def update_kernel(
 
 
 @triton.jit
-def solve_kernel(
-    l_ptr,  # [B, n, n] factor (lower triangle valid)
-    dinv_ptr,  # [B, nblocks, BS, BS]
-    x_ptr,  # [B, n, m] fp32: right-hand sides in, solution out (in place)
+def update_kernel(
+    a_ptr,
     n,
-    m,
-    stride_lb,
-    stride_lr,
-    stride_lc,
-    stride_db,
-    stride_dk,
-    stride_xb,
-    stride_xr,
-    stride_xc,
-    TRANS: tl.constexpr,  # False: solve L Y = B; True: solve L^T X = Y
+    k0,
+    stride_ab,
+    stride_ar,
+    stride_ac,
     PRECISION: tl.constexpr,
     BS: tl.constexpr,
-    BM: tl.constexpr,
+    BT: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    l_mat = l_ptr + b * stride_lb
-    x_mat = x_ptr + b * stride_xb
+    ti, tj = lower_tile_coords(tl.program_id(0))
+    a_mat = a_ptr + tl.program_id(1).to(tl.int64) * stride_ab
+    _update_tile(a_mat, n, k0, ti, tj, stride_ar, stride_ac, PRECISION, BS, BT)
+
+
+@triton.jit
+def _solve_rhs(
+    l_mat, d_mat, x_mat, rhs, n, m, stride_lr, stride_lc, stride_dk, stride_xr, stride_xc,
+    TRANS: tl.constexpr, PRECISION: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
+    """Block substitution for the right-hand-side columns `rhs` of one matrix, in place:
+    L Y = X (TRANS False) or L^T X = Y (TRANS True)."""
     idx = tl.arange(0, BS)
-    rhs = tl.program_id(1) * BM + tl.arange(0, BM)
     nblocks = tl.cdiv(n, BS)
     for step in range(nblocks):
         blk = step
@@ -214,7 +238,7 @@ def solve_kernel(
                 other=0.0,
             )
             acc -= tl.dot(lblk, xo, input_precision=PRECISION)
-        d_base = dinv_ptr + b * stride_db + blk * stride_dk
+        d_base = d_mat + blk * stride_dk
         if TRANS:
             dinv = tl.load(d_base + idx[None, :] * BS + idx[:, None])
         else:
@@ -223,12 +247,154 @@ def solve_kernel(
         tl.debug_barrier()  # later blocks of this program read what was just stored
 
 
-def factor(a, dinv, info, *, precision, bs, bt, br, num_warps=4, num_stages=2):
-    """In-place blocked Cholesky of the lower triangles of a [B, n, n] fp32 batch."""
-    batch, n, _ = a.shape
+@triton.jit
+def solve_kernel(
+    l_ptr,  # [B, n, n] factor (lower triangle valid)
+    dinv_ptr,  # [B, nblocks, BS, BS]
+    x_ptr,  # [B, n, m] fp32: right-hand sides in, solution out (in place)
+    n,
+    m,
+    stride_lb,
+    stride_lr,
+    stride_lc,
+    stride_db,
+    stride_dk,
+    stride_xb,
+    stride_xr,
+    stride_xc,
+    TRANS: tl.constexpr,  # False: solve L Y = B; True: solve L^T X = Y
+    PRECISION: tl.constexpr,
+    BS: tl.constexpr,
+    BM: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    rhs = tl.program_id(1) * BM + tl.arange(0, BM)
+    l_mat, d_mat, x_mat = l_ptr + b * stride_lb, dinv_ptr + b * stride_db, x_ptr + b * stride_xb
+    _solve_rhs(l_mat, d_mat, x_mat, rhs, n, m, stride_lr, stride_lc, stride_dk, stride_xr,
+               stride_xc, TRANS, PRECISION, BS)  # fmt: skip
+
+
+@triton.jit
+def small_kernel(
+    a_ptr,  # [B, n, n] fp32, n <= 128: the lower triangle becomes L (when FACTOR)
+    dinv_ptr,  # [B, nblocks, BS, BS]
+    info_ptr,  # [B] int32 out (when FACTOR): 0, or 1 + the first failed pivot's column
+    x_ptr,  # [B, n, m] fp32: right-hand sides in, solution out
+    n,
+    m,
+    stride_ab,
+    stride_ar,
+    stride_ac,
+    stride_db,
+    stride_dk,
+    stride_xb,
+    stride_xr,
+    stride_xc,
+    FACTOR: tl.constexpr,  # False: solve with a factor this kernel stored before
+    PRECISION: tl.constexpr,
+    BS: tl.constexpr,
+    LOG_BS: tl.constexpr,
+    BR: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """One program per matrix: the whole blocked factorisation (the three steps above, each
+    followed by a barrier, the matrix in L1/L2) and both triangular solves, in one launch."""
+    b = tl.program_id(0).to(tl.int64)
+    a_mat = a_ptr + b * stride_ab
+    d_mat = dinv_ptr + b * stride_db
+    x_mat = x_ptr + b * stride_xb
+    if FACTOR:
+        info = 0
+        for k0 in range(0, n, BS):
+            d_blk = d_mat + (k0 // BS) * stride_dk
+            fail = _factor_diag(a_mat, d_blk, n, k0, stride_ar, stride_ac, PRECISION, BS, LOG_BS)
+            info = tl.where((info == 0) & (fail < BS), k0 + fail + 1, info)
+            tl.debug_barrier()
+            for row0 in range(k0 + BS, n, BR):
+                _panel_rows(a_mat, d_blk, n, k0, row0, stride_ar, stride_ac, PRECISION, BS, BR)
+            tl.debug_barrier()
+            for ti in range(0, tl.cdiv(n - k0 - BS, BS)):
+                for tj in range(0, ti + 1):
+                    _update_tile(a_mat, n, k0, ti, tj, stride_ar, stride_ac, PRECISION, BS, BS)
+            tl.debug_barrier()
+        tl.store(info_ptr + b, info)
+    for r0 in range(0, m, BM):
+        rhs = r0 + tl.arange(0, BM)
+        for trans in tl.static_range(2):
+            _solve_rhs(a_mat, d_mat, x_mat, rhs, n, m, stride_ar, stride_ac, stride_dk,
+                       stride_xr, stride_xc, trans == 1, PRECISION, BS)  # fmt: skip
+
+
+class LaunchGraphs:
+    """CUDA graphs of fixed launch sequences, keyed by everything the launches encode (tensor
+    addresses, shapes, strides, dtypes, tile sizes, stream): a key seen once runs eagerly, the
+    second time it is captured and replayed, later replays only. Same key = the very same kernel
+    arguments, so a replay is exactly the eager launches. Least recently used keys are dropped
+    beyond `size`. Inside someone else's capture the launches run eagerly (into that graph)."""
+
+    def __init__(self, api=torch.cuda, size=16):
+        self.api, self.size = api, size
+        self.graphs, self.seen = collections.OrderedDict(), collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.stats = collections.Counter()  # eager / captured / replayed / capture_failed
+
+    def run(self, key, launch):
+        if self.api.is_current_stream_capturing():
+            return launch()
+        key = (*key, self.api.current_stream().cuda_stream)
+        with self.lock:
+            graph = self.graphs.get(key)
+            if graph is None and self.seen.get(key) is None:
+                self._remember(self.seen, key, "eager")
+                self.stats["eager"] += 1
+                return launch()  # first sight: eager (and Triton compiles outside any capture)
+            if graph is None and self.seen[key] == "failed":
+                self.stats["eager"] += 1
+                return launch()
+            if graph is None:
+                graph = self.api.CUDAGraph()
+                try:
+                    with self.api.graph(graph):
+                        launch()
+                except RuntimeError:  # not capturable here: stay eager for this key
+                    self.seen[key] = "failed"
+                    self.stats["capture_failed"] += 1
+                    return launch()
+                self._remember(self.graphs, key, graph)
+                self.stats["captured"] += 1
+            self.graphs.move_to_end(key)
+            self.stats["replayed"] += 1
+        graph.replay()
+
+    def _remember(self, table, key, value):
+        table[key] = value
+        while len(table) > self.size:
+            table.popitem(last=False)
+
+
+GRAPHS = LaunchGraphs()
+
+
+def _key(name, tensors, **params):
+    meta = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    return (name, meta, tuple(sorted(params.items())))
+
+
+def factor(a, dinv, info, *, precision, bs, bt, br, num_warps=4, num_stages=2, graph=False):
+    """In-place blocked Cholesky of the lower triangles of a [B, n, n] fp32 batch; graph=True
+    (CUDA only) runs the launches through GRAPHS."""
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"bs must be a power of two >= 16, got {bs}")
     opts = {"PRECISION": precision, "BS": bs, "num_warps": num_warps, "num_stages": num_stages}
+    launch = lambda: _factor_launches(a, dinv, info, bt, br, opts)  # noqa: E731
+    if not graph:
+        return launch()
+    GRAPHS.run(_key("factor", (a, dinv, info), bt=bt, br=br, **opts), launch)
+
+
+def _factor_launches(a, dinv, info, bt, br, opts):
+    batch, n, _ = a.shape
+    bs = opts["BS"]
     d_strides = (dinv.stride(0), dinv.stride(1))
     for k0 in range(0, n, bs):
         factor_diag_kernel[(batch,)](
@@ -244,16 +410,39 @@ def factor(a, dinv, info, *, precision, bs, bt, br, num_warps=4, num_stages=2):
         update_kernel[(tiles * (tiles + 1) // 2, batch)](a, n, k0, *a.stride(), BT=bt, **opts)
 
 
-def solve(a, dinv, x, *, precision, bs, bm, num_warps=4, num_stages=2):
-    """x <- (L L^T)^-1 x in place, for x [B, n, m] fp32."""
+def solve(a, dinv, x, *, precision, bs, bm, num_warps=4, num_stages=2, graph=False):
+    """x <- (L L^T)^-1 x in place, for x [B, n, m] fp32; graph as in `factor`."""
+    opts = {"PRECISION": precision, "BS": bs, "BM": bm, "num_warps": num_warps,
+            "num_stages": num_stages}  # fmt: skip
+    launch = lambda: _solve_launches(a, dinv, x, opts)  # noqa: E731
+    if not graph:
+        return launch()
+    GRAPHS.run(_key("solve", (a, dinv, x), **opts), launch)
+
+
+def _solve_launches(a, dinv, x, opts):
     batch, n, m = x.shape
-    grid = (batch, triton.cdiv(m, bm))
+    grid = (batch, triton.cdiv(m, opts["BM"]))
     for trans in (False, True):
         solve_kernel[grid](
             a, dinv, x, n, m, *a.stride(), dinv.stride(0), dinv.stride(1), *x.stride(),
-            TRANS=trans, PRECISION=precision, BS=bs, BM=bm,
-            num_warps=num_warps, num_stages=num_stages,
+            TRANS=trans, **opts,
         )  # fmt: skip
+
+
+SMALL_N = 128  # small_kernel's limit: a 128 x 128 fp32 matrix (64 KiB) stays in L1/L2
+
+
+def small(a, dinv, info, x, *, factor, precision, bs, br, bm, num_warps=4):
+    """One launch for the whole batch: factor a (when `factor`) and x <- (L L^T)^-1 x."""
+    batch, n, m = x.shape
+    if n > SMALL_N:
+        raise ValueError(f"small: n must be <= {SMALL_N}, got {n}")
+    small_kernel[(batch,)](
+        a, dinv, info, x, n, m, *a.stride(), dinv.stride(0), dinv.stride(1), *x.stride(),
+        FACTOR=factor, PRECISION=precision, BS=bs, LOG_BS=bs.bit_length() - 1, BR=br, BM=bm,
+        num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
 
 
 def workspace(a, bs):

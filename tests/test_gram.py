@@ -155,3 +155,41 @@ def test_gpu_configs_match_float64(layers, n, h, x_dtype):
     gram0, sum0 = gram.clone(), colsum.clone()
     count = gram_accumulate(x, gram, colsum, mask)  # backend=None: Triton on CUDA
     _check(x.cpu(), gram0.cpu(), sum0.cpu(), gram.cpu(), colsum.cpu(), count, mask.cpu(), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "layers,n,h,schedule",
+    [
+        (2, 70, 20, {"split_k": 3, "ordered_split": True}),  # fixed-order split reduction
+        (1, 45, 50, {"group_h": 3}),  # grouped order, 4 tiles: a short last group
+        (2, 33, 40, {"group_h": 2, "split_k": 2, "ordered_split": True}),
+        (1, 1, 1, {"group_h": 4, "split_k": 2, "ordered_split": True}),  # T = 1, H = 1
+        (1, 40, 37, {"block_h": 32, "group_h": 1}),  # larger tile than the other cases
+    ],
+)
+def test_tile_schedules_match_float64(layers, n, h, schedule):
+    """The tuner's schedule options (grouped order, ordered split-K, tile size) all give the
+    float64 answer, touch only the lower triangle, and keep existing statistics."""
+    x = _hidden(layers, n, h, torch.bfloat16)
+    mask = torch.rand(n) > 0.2
+    mask[0] = True
+    gram, colsum = _stats(layers, h, torch.float64)
+    gram0, sum0 = gram.clone(), colsum.clone()
+    count = gram_accumulate_triton(x, gram, colsum, mask, config={**SMALL, **schedule})
+    _check(x, gram0, sum0, gram, colsum, count, mask, rtol=1e-5)
+
+
+def test_ordered_split_is_bitwise_reproducible():
+    """Partials reduced in split order: the same bits on every run (fp32 store, where atomics'
+    order would show)."""
+    x = _hidden(1, 90, 24, torch.float32, heavy=True)
+    cfg = {**SMALL, "split_k": 4, "ordered_split": True}
+    runs = []
+    for _ in range(2):
+        gram, colsum = torch.zeros(1, 24, 24), torch.zeros(1, 24)
+        gram_accumulate_triton(x, gram, colsum, config=cfg)
+        runs.append((gram, colsum))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    one = torch.zeros(1, 24, 24), torch.zeros(1, 24)
+    gram_accumulate_triton(x, *one, config=SMALL)
+    torch.testing.assert_close(runs[0][0].tril(), one[0].tril(), rtol=1e-5, atol=1e-3)

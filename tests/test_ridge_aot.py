@@ -14,7 +14,7 @@ ARCHS = (80, 90)
 PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
 
 
-def _gram_spec(arch, x, store, precision, has_mask, atomic):
+def _gram_spec(arch, x, store, precision, has_mask, atomic, schedule=None):
     # The shipped GPU config of fastdume.ops.gram._config (tile sizes) and _triton_dtypes.
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[x]
     round_dtype, dot_dtype, input_precision = _triton_dtypes(
@@ -22,17 +22,21 @@ def _gram_spec(arch, x, store, precision, has_mask, atomic):
     )
     ints = ["N", "H", "tokens_per_split", "stride_xl", "stride_xn", "stride_xh"]
     ints += ["stride_gl", "stride_gr", "stride_gc", "stride_sl"]
+    schedule = schedule or {}
     constexprs = {
         "HAS_MASK": has_mask,
         "ATOMIC": atomic,
+        "PARTIAL": schedule.get("PARTIAL", False),
         "ROUND_DTYPE": round_dtype,
         "DOT_DTYPE": dot_dtype,
         "PRECISION": input_precision,
-        "BLOCK_H": 128,
-        "BLOCK_N": 32 if x == "fp32" else 64,
+        "BLOCK_H": schedule.get("BLOCK_H", 128),
+        "BLOCK_N": schedule.get("BLOCK_N", 32 if x == "fp32" else 64),
+        "GROUP_H": schedule.get("GROUP_H", 0),
     }
     signature = {"x_ptr": PTR[x], "mask_ptr": "*i8", "gram_ptr": PTR[store]}
     signature |= {"colsum_ptr": PTR[store], "count_ptr": "*i32"}
+    signature |= {"part_ptr": "*fp32", "psum_ptr": "*fp32"}
     signature |= {k: "i32" for k in ints} | {k: "constexpr" for k in constexprs}
     return {
         "module": "fastdume.kernels.gram",
@@ -40,10 +44,38 @@ def _gram_spec(arch, x, store, precision, has_mask, atomic):
         "signature": signature,
         "constexprs": constexprs,
         "arch": arch,
-        "num_warps": 8,
-        "num_stages": 3,
+        "num_warps": schedule.get("num_warps", 8),
+        "num_stages": schedule.get("num_stages", 3),
         "tensor16": round_dtype != "fp32",
     }
+
+
+# Gram schedule options benches/tune_ridge.py may pick (bf16 inputs, fp32 statistics): larger
+# tiles, grouped order, the ordered split; the core run compiles the first two on both cards.
+SCHEDULES = [
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+    {"GROUP_H": 8, "PARTIAL": True},
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "GROUP_H": 8},
+    {"BLOCK_N": 128, "num_warps": 16, "num_stages": 2, "GROUP_H": 8, "PARTIAL": True},
+]
+
+
+def _schedule_specs(schedules):
+    specs = []
+    for arch, schedule in ((a, s) for a in ARCHS for s in schedules):
+        if arch == 80 and schedule.get("BLOCK_N") == 128 and schedule["num_stages"] > 2:
+            continue  # 3 stages of two 128 x 128 bf16 operands need 192 KiB: sm_90 only
+        specs.append(_gram_spec(arch, "bf16", "fp32", None, False, False, schedule))
+        reduce_sig = {"part_ptr": "*fp32", "psum_ptr": "*fp32", "gram_ptr": "*fp32"}
+        reduce_sig |= {"colsum_ptr": "*fp32", "H": "i32", "splits": "i32"}
+        reduce_sig |= dict.fromkeys(["stride_gl", "stride_gr", "stride_gc", "stride_sl"], "i32")
+        cx = {"BLOCK_H": schedule.get("BLOCK_H", 128)}
+        specs.append(
+            {"module": "fastdume.kernels.gram", "kernel": "gram_reduce_kernel",
+             "signature": reduce_sig | {"BLOCK_H": "constexpr"}, "constexprs": cx,
+             "arch": arch, "num_warps": 8, "num_stages": 1, "tensor16": False}
+        )  # fmt: skip
+    return specs
 
 
 def _gram_specs():
@@ -72,7 +104,13 @@ def _cholesky_specs():
             solve |= {"m": "i32", "stride_lb": "i32", "stride_lr": "i32", "stride_lc": "i32"}
             solve |= dict.fromkeys(["stride_db", "stride_dk", "stride_xb"], "i32")
             solve |= {"stride_xr": "i32", "stride_xc": "i32"}
+            small = {"a_ptr": "*fp32", "dinv_ptr": "*fp32", "info_ptr": "*i32", "x_ptr": "*fp32"}
+            small |= dict.fromkeys(["n", "m", *strides3, "stride_db", "stride_dk"], "i32")
+            small |= dict.fromkeys(["stride_xb", "stride_xr", "stride_xc"], "i32")
+            small_cx = common | {"LOG_BS": bs.bit_length() - 1, "BR": 64, "BM": 16}
             for kernel, sig, cx in (
+                ("small_kernel", small, small_cx | {"FACTOR": True}),
+                ("small_kernel", small, small_cx | {"FACTOR": False}),
                 ("factor_diag_kernel", diag, common | {"LOG_BS": bs.bit_length() - 1}),
                 ("panel_kernel", panel, common | {"BR": 64}),
                 ("update_kernel", update, common | {"BT": bs}),
@@ -87,7 +125,7 @@ def _cholesky_specs():
                         "constexprs": cx,
                         "arch": arch,
                         "num_warps": 4,
-                        "num_stages": 2,
+                        "num_stages": 1 if kernel == "small_kernel" else 2,
                         "tensor16": False,
                     }
                 )
@@ -97,6 +135,8 @@ def _cholesky_specs():
 def _core(spec):
     """One compile per distinct code path (the default CI run); the slow test compiles the rest."""
     cx = spec["constexprs"]
+    if spec["kernel"] == "small_kernel":  # ops.ridge._solver_config: BS 32 for n <= 128
+        return cx["BS"] == 32
     if spec["kernel"] != "gram_kernel":
         return cx["BS"] == 64
     return (cx["ROUND_DTYPE"], cx["PRECISION"], cx["HAS_MASK"]) in {
@@ -110,6 +150,7 @@ def _core(spec):
 @functools.cache
 def _compiled(core):
     specs = [s for s in _gram_specs() + _cholesky_specs() if _core(s) == core]
+    specs += _schedule_specs(SCHEDULES[:2] if core else SCHEDULES[2:])
     plain = [{k: v for k, v in s.items() if k != "tensor16"} for s in specs]
     # Two child processes (one per CI core): compiling is the slow part of this file.
     with ThreadPoolExecutor(2) as pool:
@@ -130,7 +171,7 @@ def _check_all(compiled):
         if spec["tensor16"]:  # bf16/fp16 Gram dots: wgmma on Hopper, mma.sync on Ampere
             key = "wgmma" if spec["arch"] == 90 else "mma_sync"
             assert res[key], f"{_name(spec)} does not use {key}"
-        if spec["kernel"] == "update_kernel":  # tf32x3 trailing update on tensor cores
+        if spec["kernel"] in ("update_kernel", "small_kernel"):  # tf32x3 dots on tensor cores
             assert res["wgmma"] or res["mma_sync"], f"{_name(spec)} has no tensor-core dot"
 
 
@@ -144,6 +185,7 @@ def test_core_configs_compile_fit_and_use_tensor_cores():
             "panel_kernel",
             "update_kernel",
             "solve_kernel",
+            "small_kernel",
         )
         for a in ARCHS
     }

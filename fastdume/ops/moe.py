@@ -11,15 +11,17 @@ that of one dense MLP per routed token, not E of them.
 The Triton path (backend="triton"; the default on CUDA) is kernels/moe_routing.py (routing),
 kernels/moe_align.py (block-aligned dispatch) and kernels/moe_grouped.py (two grouped GEMMs and a
 fixed-order k-reduction). Its expert part is the custom op `fastdume::moe_experts` (opaque to
-torch.compile, with a fake implementation). Backward: torch ops, not kernels (experts_backward
-below: grouped per expert like the forward, per-slot dx summed over k in a fixed order); router
+torch.compile, with a fake implementation). fused_moe resolves the backend once and, on Triton,
+chooses one launch config (ops/moe_configs) before routing, used by every kernel of the call.
+Backward: torch ops, not kernels (experts_backward in ops/moe_triton.py: grouped per expert like
+the forward, per-slot dx summed over k in a fixed order); router
 gradients flow through a torch re-computation of the k selected logits and their softmax.
 """
 
 import torch
 import torch.nn.functional as F
 
-from fastdume.ops import _backend, moe_triton  # noqa: F401  (registers fastdume::moe_experts)
+from fastdume.ops import _backend, moe_triton
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,9 +68,12 @@ def _check_experts(x, topk_ids, gate_up_proj, down_proj, check_ids):
             raise ValueError(f"{name} has dtype {t.dtype} but hidden_states has {x.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    if not check_ids:
+        return
     # The range check reads the ids on the host; skip it while a CUDA graph is being captured.
-    check_ids = check_ids and not (topk_ids.is_cuda and torch.cuda.is_current_stream_capturing())
-    if check_ids and topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
+    if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if topk_ids.numel() and (topk_ids.min() < 0 or topk_ids.max() >= num_experts):
         raise ValueError(f"topk_ids must lie in 0..{num_experts - 1}")
 
 
@@ -109,10 +114,16 @@ def _wants_grad(*tensors):
 def route(hidden_states, router_weight, router_bias=None, top_k=1, temperature=1.0, backend=None):
     """-> (topk_weights [T, k] fp32, topk_ids [T, k] int64). See the module docstring."""
     _check_router(hidden_states, router_weight, router_bias, top_k, temperature)
-    if _backend.resolve(backend, hidden_states.device) == "torch":
+    which = _backend.resolve(backend, hidden_states.device)
+    return _route(which, hidden_states, router_weight, router_bias, top_k, temperature)
+
+
+def _route(which, hidden_states, router_weight, router_bias, top_k, temperature):
+    """Routing on an already resolved backend (the arguments are checked)."""
+    if which == "torch":
         return route_torch(hidden_states, router_weight, router_bias, top_k, temperature)
     kern = _backend.kernels("moe_routing", hidden_states.device)
-    weights, ids, _ = kern.route(
+    weights, ids = kern.route(
         hidden_states.detach().contiguous(), router_weight.detach(),
         None if router_bias is None else router_bias.detach(), top_k, temperature,
     )  # fmt: skip
@@ -158,16 +169,42 @@ def moe_experts(
             f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} differ"
         )
     which = _backend.resolve(backend, hidden_states.device)
-    if which == "triton":
-        if hidden_states.dtype not in TRITON_DTYPES:
-            raise ValueError(
-                f"hidden_states dtype must be one of {TRITON_DTYPES} for backend='triton', "
-                f"got {hidden_states.dtype}"
-            )
-        return torch.ops.fastdume.moe_experts(
-            hidden_states.contiguous(), topk_weights, topk_ids, gate_up_proj, down_proj
+    _check_triton_dtype(which, hidden_states)
+    return _experts(which, hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
+
+
+def _check_triton_dtype(which, hidden_states):
+    if which == "triton" and hidden_states.dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"hidden_states dtype must be one of {TRITON_DTYPES} for backend='triton', "
+            f"got {hidden_states.dtype}"
         )
-    return experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
+
+
+def _experts(which, hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj):
+    """The expert part on an already resolved backend (the arguments are checked)."""
+    if which == "torch":
+        return experts_torch(hidden_states, topk_weights, topk_ids, gate_up_proj, down_proj)
+    x = hidden_states.contiguous()
+    config = moe_triton.choose_config(
+        x, gate_up_proj, down_proj, topk_ids.shape[1], routing=(topk_weights, topk_ids)
+    )
+    return moe_triton.experts(x, topk_weights, topk_ids, gate_up_proj, down_proj, config)
+
+
+def _fused_triton(x, router_weight, router_bias, gate_up_proj, down_proj, top_k, temperature):
+    """fused_moe on Triton: one config for the whole call, chosen before routing, so that a
+    FUSED_ROUTING config can route and align in one launch."""
+    x = x.contiguous()
+    router = (router_weight.detach(), None if router_bias is None else router_bias.detach())
+    config = moe_triton.choose_config(
+        x, gate_up_proj, down_proj, top_k, router=(*router, temperature)
+    )
+    kern = _backend.kernels("moe_grouped", x.device)
+    weights, ids, aligned = kern.dispatch(x.detach(), *router, top_k, temperature, config)
+    if _wants_grad(x, router_weight, router_bias):
+        weights = _selected_softmax(x, router_weight, router_bias, ids, temperature)
+    return moe_triton.experts(x, weights, ids, gate_up_proj, down_proj, config, aligned)
 
 
 def fused_moe(
@@ -180,8 +217,16 @@ def fused_moe(
     temperature=1.0,
     backend=None,
 ):
-    """Route, then run the selected experts: [T, H] -> [T, H] in hidden_states' dtype."""
-    weights, ids = route(hidden_states, router_weight, router_bias, top_k, temperature, backend)
-    return moe_experts(
-        hidden_states, weights, ids, gate_up_proj, down_proj, backend=backend, check_ids=False
-    )
+    """Route, then run the selected experts: [T, H] -> [T, H] in hidden_states' dtype.
+
+    The backend is resolved once here and used for both parts."""
+    _check_router(hidden_states, router_weight, router_bias, top_k, temperature)
+    _check_experts(hidden_states, None, gate_up_proj, down_proj, check_ids=False)
+    which = _backend.resolve(backend, hidden_states.device)
+    _check_triton_dtype(which, hidden_states)
+    if which == "triton":
+        return _fused_triton(
+            hidden_states, router_weight, router_bias, gate_up_proj, down_proj, top_k, temperature
+        )
+    weights, ids = route_torch(hidden_states, router_weight, router_bias, top_k, temperature)
+    return experts_torch(hidden_states, weights, ids, gate_up_proj, down_proj)

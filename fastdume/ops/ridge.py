@@ -12,7 +12,12 @@ computes the residual B - (A + lam I) W in float64 with torch and solves for the
 the same fp32 factor. A matrix whose fp32 factorisation hits a non-positive pivot, or whose
 refinement does not reach float64-level residuals, is redone by the float64 torch path above (that
 matrix only), which applies the jitter retry and raises for a matrix that is not SPD.
-Launches: 3 per 64-column block plus 2 per solve, from a host loop (not graph-captured yet).
+Launches, n <= 128 (many small systems, e.g. 1000 routers of n = 65): one program per matrix
+(kernels/cholesky.small_kernel) factors and solves the whole batch in 1 launch, and each refinement
+step is 1 more (router-like systems of n = 65 need 1 step: 2 launches, against 17 blocked).
+Larger n: 3 launches per 64-column block plus 2 per solve, from a host loop that on CUDA is
+captured as a CUDA graph and replayed from the second call with the same buffers on (why a graph
+and not a persistent kernel: kernels/cholesky.py).
 """
 
 import warnings
@@ -23,6 +28,7 @@ from fastdume.ops import _backend
 
 # Jitter grows 1e-10 -> 1e-4 of the mean diagonal: enough for rounding, never for a wrong matrix.
 _JITTER_TRIES = 4
+SMALL_N = 128  # kernels/cholesky.py SMALL_N: one program per matrix up to here
 
 
 def _check(A, B, lam):
@@ -108,11 +114,16 @@ _MAX_REFINE = 10
 
 
 def _solver_config(device, n):
+    """Tiles, and `small`: n <= 128 takes the one-program-per-matrix kernel."""
+    small = n <= SMALL_N
     if device.type != "cuda":  # interpreter: small tiles, numpy runs each program serially
-        return {"precision": "ieee", "bs": 16, "bt": 16, "br": 16, "bm": 16, "num_warps": 4}
-    # tf32x3: fp32-level products on tensor cores; smaller blocks for small matrices.
-    bs = 32 if n <= 128 else 64
-    return {"precision": "tf32x3", "bs": bs, "bt": bs, "br": 64, "bm": 32, "num_warps": 4}
+        tiles = {"bs": 16, "bt": 16, "br": 16, "bm": 16, "num_warps": 4}
+        return {"precision": "ieee", "small": small, **tiles}
+    # tf32x3: fp32-level products on tensor cores; smaller blocks for small matrices. The small
+    # kernel's right-hand-side chunk is 16 (the smallest dot N): routers have ~8 experts.
+    bs = 32 if small else 64
+    tiles = {"bs": bs, "bt": bs, "br": 64, "bm": 16 if small else 32, "num_warps": 4}
+    return {"precision": "tf32x3", "small": small, **tiles}
 
 
 def ridge_solve_triton(A, B, lam, refine=True, config=None):
@@ -126,19 +137,30 @@ def ridge_solve_triton(A, B, lam, refine=True, config=None):
     lam_t = torch.as_tensor(lam, dtype=torch.float64, device=A.device)
     lam_b = torch.broadcast_to(lam_t, batch_shape).reshape(-1)
     M = M + lam_b[:, None, None] * torch.eye(n, dtype=torch.float64, device=A.device)
-    cfg = config or _solver_config(A.device, n)
+    cfg = {**_solver_config(A.device, n), **(config or {})}
     tiles = {"precision": cfg["precision"], "num_warps": cfg["num_warps"]}
+    small = cfg["small"] and n <= SMALL_N
 
     diag = M.diagonal(dim1=-2, dim2=-1)
     scale = torch.where(diag > 0, diag.clamp_min(1e-300).rsqrt(), 1.0)  # Jacobi scaling
     work = (M * scale[:, :, None] * scale[:, None, :]).to(torch.float32).contiguous()
     dinv, info = kern.workspace(work, cfg["bs"])
-    kern.factor(work, dinv, info, bs=cfg["bs"], bt=cfg["bt"], br=cfg["br"], **tiles)
+    factored = not small  # the small kernel factors in the launch of the first solve
+    graph = A.device.type == "cuda"  # the blocked path's launch loops as CUDA graph replays
+    if factored:
+        kern.factor(work, dinv, info, bs=cfg["bs"], bt=cfg["bt"], br=cfg["br"], graph=graph,
+                    **tiles)  # fmt: skip
 
     def solve(rhs):  # M^-1 rhs with the fp32 factor, rhs float64 [b, n, m]
+        nonlocal factored
         size = rhs.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
         x = (rhs * scale[:, :, None] / size).to(torch.float32).contiguous()
-        kern.solve(work, dinv, x, bs=cfg["bs"], bm=cfg["bm"], **tiles)
+        if small:
+            kern.small(work, dinv, info, x, factor=not factored, bs=cfg["bs"], br=cfg["br"],
+                       bm=cfg["bm"], **tiles)  # fmt: skip
+            factored = True
+        else:
+            kern.solve(work, dinv, x, bs=cfg["bs"], bm=cfg["bm"], graph=graph, **tiles)
         return x.to(torch.float64) * scale[:, :, None] * size
 
     m_norm, b_norm = torch.linalg.matrix_norm(M), torch.linalg.matrix_norm(B64)
