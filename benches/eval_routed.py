@@ -82,7 +82,9 @@ def main(argv=None):
     features = [*FEATURES, *filter(None, args.extra_features.split(","))]
     for f in features:
         for depth in DEPTHS:
-            model = dume(zoo, batches_of, args.stats_tokens, routed="model", features=f, depth=depth)
+            model = dume(
+                zoo, batches_of, args.stats_tokens, routed="model", features=f, depth=depth
+            )
             record(f"routed=model, {f}, {depth}", model)
     if args.json:
         with open(args.json, "w") as out:
