@@ -104,19 +104,12 @@ def test_cpu_routed_model_vs_dense(benchmark):
 
 def _expert_shares(model, ids):
     """Share of the tokens each expert runs (the decision the forward takes, recorded)."""
-    state, seen = model.dume_state, []
-    decide = state.decide
-
-    def recording(index, x):
-        out = decide(index, x)
-        seen.append(out[1][:, 0])
-        return out
-
-    state.decide = recording
+    seen = []
+    model.dume_state.on_decision = lambda index, experts: seen.append(experts.reshape(-1))
     try:
         with torch.no_grad():
             model(ids, use_cache=False)
     finally:
-        del state.decide
+        model.dume_state.on_decision = None
     counts = torch.bincount(seen[0], minlength=EXPERTS).double()
     return [round(float(c), 3) for c in counts / counts.sum()]

@@ -27,12 +27,13 @@ def experts(tmp_path_factory):
     return make_experts(tmp_path_factory.mktemp("routed"), shared_noise=0.05)[1]
 
 
-def build(dirs, domains, routed="model", features=None, depth=None, count=3, table=None):
+def build(dirs, domains, routed="model", features=None, depth=None, count=3, table=None,
+          shared="mean"):  # fmt: skip
     """upcycle + statistics + fit; table: the routers' token table to use instead of the mean of
     these experts' embeddings (routed="model")."""
     model = fastdume.upcycle(
         [dirs[d] for d in domains], domains=list(domains), routed=routed, features=features,
-        depth=depth, progress=False,
+        depth=depth, progress=False, shared=shared,
     )  # fmt: skip
     if table is not None:
         with torch.no_grad():
@@ -177,11 +178,18 @@ def test_fitted_router_picks_the_domains_expert(experts):
         f = _plain_mean(_rms(table), batch["attention_mask"].bool())
         picked = (f @ router.weight.double().T + router.bias.double()).argmax(-1)
         assert (picked[:, 2:] == e).double().mean() > 0.85, d
+        seen = []
+        model.dume_state.on_decision = lambda index, experts, seen=seen: seen.append(experts)
+        with torch.no_grad():
+            routed = model(**batch).logits
+        model.dume_state.on_decision = None
+        assert len(seen) == 1 and (seen[0] == picked).double().mean() > 0.99
+        # a row routed to its domain's expert throughout is that dense expert
         with torch.no_grad(), forced_expert(model, e):
             forced = model(**batch).logits
-            routed = model(**batch).logits
-        agree = (picked == e)[..., None].expand_as(routed)
-        torch.testing.assert_close(routed[agree], forced[agree])
+        whole = (seen[0] == e).all(dim=1)
+        assert whole.any(), d
+        assert torch.equal(routed[whole], forced[whole])
 
 
 # --- add / remove are exact -----------------------------------------------------------------
@@ -216,6 +224,19 @@ def test_add_and_remove_expert_equal_from_scratch_builds(experts, features, dept
     removed, removed_stats = fastdume.remove_expert(full, "b", full_stats)
     _assert_same(removed, ac)
     assert removed_stats.domains == ["a", "c"]
+
+
+@pytest.mark.parametrize("features,depth", [("context", "single"), ("context:8", "cumulative")])
+def test_add_and_remove_expert_are_exact_for_mlp_experts_too(tmp_path, features, depth):
+    """routed="mlp" with the other options, shared weights from the base: exact as the paper's."""
+    base, dirs = make_experts(tmp_path, shared_noise=0.0)
+    options = dict(routed="mlp", features=features, depth=depth, shared=f"base:{base}")
+    full, full_stats = build(dirs, DOMAINS, **options)
+    two, stats = build(dirs, ["a", "b"], **options)
+    added, _ = fastdume.add_expert(two, dirs["c"], "c", domain_batches("c"), stats)
+    _assert_same(added, full)
+    removed, _ = fastdume.remove_expert(full, "b", full_stats)
+    _assert_same(removed, build(dirs, ["a", "c"], **options)[0])
 
 
 # --- files ----------------------------------------------------------------------------------
