@@ -66,6 +66,27 @@ def test_forced_expert_is_the_dense_expert_bit_for_bit(family, tie):
                 assert torch.equal(got, want), (features, depth, e)
 
 
+def test_gradients_reach_the_routed_experts_tensors_as_the_dense_experts():
+    dense = [tiny_dense("llama", seed=s) for s in range(3)]
+    model = fastdume.upcycle(dense, routed="model", features="context", depth="layer")
+    ids = torch.randint(0, 256, (2, 9))
+    with forced_expert(model, 2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    dense[2](input_ids=ids, labels=ids).loss.backward()
+    grads = dict(dense[2].named_parameters())
+    for name, param in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad[2], grads[name].grad, msg=name)
+            assert not param.grad[:2].any(), name
+    # mixed routing (every token to another expert than its neighbour) trains each expert on
+    # its own tokens: the loss is differentiable through the grouped path too
+    with torch.no_grad():
+        model.dume_routers()[0].weight.normal_()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "model.layers" in n)
+
+
 def test_routed_model_keeps_every_tensor_per_expert(experts):
     model = fastdume.upcycle([experts[d] for d in DOMAINS], routed="model", progress=False)
     dense = transformers.AutoModelForCausalLM.from_pretrained(experts["b"]).state_dict()

@@ -6,6 +6,8 @@ expert e's operations (the same torch calls on the same rows), so forced routing
 the dense model.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,13 +31,18 @@ def grouped_linear(x, weight, expert_ids, bias=None, backend=None):
         return F.linear(x, weight[e], None if bias is None else bias[e])
     order = torch.argsort(expert_ids, stable=True)
     rows = x.index_select(0, order)
-    out = x.new_empty(T, weight.shape[1])
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            _gemm(rows[start : start + count], weight[e], None if bias is None else bias[e],
-                  out[start : start + count])  # fmt: skip
-            start += count
+    bounds = [0, *itertools.accumulate(counts)]
+    pieces = [(e, bounds[e], bounds[e + 1]) for e in range(len(counts)) if counts[e]]
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if grad:  # out= has no autograd: one F.linear per expert, concatenated
+        out = torch.cat([F.linear(rows[lo:hi], weight[e], None if bias is None else bias[e])
+                         for e, lo, hi in pieces])  # fmt: skip
+    else:
+        out = x.new_empty(T, weight.shape[1])
+        for e, lo, hi in pieces:
+            _gemm(rows[lo:hi], weight[e], None if bias is None else bias[e], out[lo:hi])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(T, device=order.device)
     return out.index_select(0, inverse)
