@@ -437,3 +437,12 @@ def test_experts_with_other_vocabularies_are_refused():
     small = [tiny_dense("llama", seed=0), tiny_dense("llama", seed=1, vocab_size=300)]
     with pytest.raises(ValueError, match="vocab_size"):
         fastdume.upcycle(small, routed="model")
+
+
+def test_gradient_checkpointing_is_refused_for_the_stateful_options():
+    model = fastdume.upcycle([tiny_dense("llama", seed=s) for s in range(2)], routed="model")
+    model.train()
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(torch.randint(0, 256, (1, 5)))
