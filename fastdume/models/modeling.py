@@ -4,6 +4,11 @@ The dense family's own decoder (`XxxModel`) is built from the stored dense confi
 layer's MLP is swapped for a `DumeMoE`, so attention, norms, rotary embeddings, masks and the KV
 cache are exactly the family's, and the state dict keeps the dense key names
 (`model.layers.N.self_attn...`) next to `model.layers.N.mlp.router.*` / `.mlp.experts.*`.
+
+routed="model" (fastdume.models.routed) instead swaps every Linear, Embedding and RMSNorm of the
+family's decoder for a per-expert version ([E, ...] under the dense key names), adds the routers
+(`routers.N.*`) and their fixed token table (`router_embed.weight`). Options other than the
+paper's route through a RoutingState (fastdume.models.routing) shared by the model's modules.
 """
 
 import contextlib
