@@ -7,6 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# mkstemp creates files readable by the owner only; published files get the usual permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def check_writable_directory(path):
     """`path` as a Path if it can receive a new directory; FileExistsError if it holds anything."""
@@ -67,6 +71,7 @@ def atomic_file(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after the block: some writers recreate the file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

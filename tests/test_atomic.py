@@ -1,10 +1,12 @@
 """fastdume._atomic: folders and JSON files appear whole or not at all."""
 
 import json
+import os
 
 import pytest
+import torch
 
-from fastdume._atomic import publish_directory, write_json
+from fastdume._atomic import atomic_file, publish_directory, save_safetensors, write_json
 
 
 def _fill(text):
@@ -53,3 +55,14 @@ def test_write_json_replaces_in_one_step(tmp_path):
         write_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_atomic_file_publishes_with_usual_permissions_or_leaves_nothing(tmp_path):
+    path = save_safetensors(tmp_path / "t.safetensors", {"x": torch.arange(3.0)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "u.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]

@@ -295,3 +295,29 @@ def test_hung_stage_times_out_and_is_killed(setup):
     assert "stage 1 replica 0 (rank 1): did not exit in time and was killed" in msg
     assert "stage 2 replica 0 (rank 2): PeerError: stage 2: receiving activations" in msg
     assert elapsed < 3 * timeout + 10 + 30
+
+
+def test_a_model_without_tokenizer_is_refused_up_front_and_tokenizer_names_one(
+    setup, tmp_path, capsys
+):
+    from fastdume.cli import main
+
+    bare = tmp_path / "bare"
+    tiny_model("llama", num_hidden_layers=2, vocab_size=256).save_pretrained(bare)
+    argv = ["pipeline-train", "--model", str(bare), "--data", str(setup / "sft.jsonl")]
+    argv += ["--stages", "2", "--steps", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer files" in err and "--tokenizer DIR" in err
+    assert not (tmp_path / "out").exists()  # refused before anything started
+    # --tokenizer: the same rows as with the tokenizer stored beside the model
+    named = build_source(
+        str(setup / "sft.jsonl"), str(bare), 4096, 24, tokenizer_dir=setup / "model"
+    )
+    own = build_source(str(setup / "sft.jsonl"), str(setup / "model"), 4096, 24)
+    assert torch.equal(named.global_batch(0, 8)[0], own.global_batch(0, 8)[0])
+
+
+def test_a_vocabulary_overflow_names_the_tokenizer_used():
+    with pytest.raises(ValueError, match="shipped tokenizer.*--tokenizer DIR"):
+        build_source("code", "unused", 256, 24, needed=4)

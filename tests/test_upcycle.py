@@ -336,3 +336,19 @@ def test_upcycle_the_test_zoo_and_its_tokenizer(test_zoo, tmp_path):
         got = model(**batch).logits
         expected = reference(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_domains_tell_same_named_directories_apart(tmp_path):
+    """runs/a/final and runs/b/final get a/final and b/final, not 'final' twice."""
+    paths = _save([tiny_dense("llama", seed=s) for s in range(2)], tmp_path, ["a/final", "b/final"])
+    assert fastdume.upcycle(paths).config.domains == ["a/final", "b/final"]
+    unique = _save([tiny_dense("llama", seed=2)], tmp_path, ["c/math"])
+    assert fastdume.upcycle([paths[0], *unique]).config.domains == ["final", "math"]
+
+
+def test_a_shape_mismatch_is_reported_before_a_name_clash(tmp_path):
+    small = tiny_dense("llama", seed=0)
+    wide = tiny_dense("llama", seed=1, intermediate_size=96)
+    paths = _save([small, wide], tmp_path, ["x/final", "y/final"])
+    with pytest.raises(ValueError, match="intermediate_size"):
+        fastdume.upcycle(paths, domains=["same", "same"])

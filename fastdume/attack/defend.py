@@ -11,8 +11,10 @@ import torch
 
 from fastdume import _atomic
 from fastdume.defense import analysis, calibrate, sim
+from fastdume.defense import ustats_calibration as ucal
 from fastdume.defense.recompute import llama_stage_forward, verify_recompute
 from fastdume.defense.replica import replica_divergence
+from fastdume.pipeline.partition import split_layers
 
 HOOKS = "fastdume.defense.hooks:make_hooks"
 INJECT = "fastdume.attack.synthetic:injection_hooks"
@@ -80,7 +82,7 @@ class _Verifier:
 
     def __init__(self, cfg):
         mc = sim._model_config(cfg)
-        self.ranges = sim.layer_ranges(cfg.layers, cfg.stages)
+        self.ranges = split_layers(cfg.layers, cfg.stages)
         self.forward = {
             s: llama_stage_forward(mc, self.ranges[s]) for s in range(1, cfg.stages - 1)
         }
@@ -281,8 +283,8 @@ def run_defense_report(
         }
         sources = {d: f"Gumbel fit, {seeds} clean runs of this report" for d in STATISTICAL}
         for d, rec in (
-            ("update_stats", ustats_calibration.shipped(cfg, fpr)),
-            ("traffic", ustats_calibration.shipped_traffic(cfg, fpr)),
+            ("update_stats", ucal.shipped(cfg, fpr)),
+            ("traffic", ucal.shipped_traffic(cfg, fpr)),
         ):
             if use_shipped and sim_driver and rec is not None:
                 thresholds[d] = rec["threshold"]

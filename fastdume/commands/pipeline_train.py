@@ -44,6 +44,12 @@ def add_parser(subparsers):
         help="JSONL file of {prompt, response} rows (SFT: loss on the response only), a corpus "
         "domain of fastdume.data (plain LM), or 'random' (random tokens, for smoke runs)",
     )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer directory (default: the model directory's for a JSONL file, fastdume's "
+        "shipped tokenizer for a corpus domain)",
+    )
     p.add_argument("--stages", type=int, required=True, help="pipeline stages (S)")
     p.add_argument("--replicas", type=int, default=1, help="data-parallel replicas per stage")
     p.add_argument("--micro-batches", type=int, default=d["micro_batches"])
@@ -92,7 +98,7 @@ def _config(args):
         weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
         checkpoint_every=args.checkpoint_every, resume=args.resume, hooks=args.hooks,
         hook_kwargs=hook_kwargs, timeout=args.timeout, threads=args.threads, dtype=args.dtype,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, tokenizer=args.tokenizer,
     )  # fmt: skip
 
 
@@ -130,6 +136,9 @@ def run(args) -> int:
     except PipelineError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except ValueError as exc:  # bad arguments, found before any stage starts
+        print(f"pipeline-train: {exc}", file=sys.stderr)
+        return 2
     _print_summary(summary)
     if args.json:
         write_json(args.json, summary, indent=1, default=str)

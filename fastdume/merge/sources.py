@@ -34,7 +34,7 @@ class DirSource:
     def __init__(self, path, stack, label):
         self.path = Path(path)
         self.label = f"{label} ({self.path})"
-        self.default_name = self.path.name
+        self.path_parts = self.path.resolve().parts
         if not self.path.is_dir():
             raise ValueError(f"{self.label}: not a directory")
         if not (self.path / "config.json").is_file():
@@ -94,7 +94,7 @@ class ModelSource:
 
     def __init__(self, model, label):
         self.label = f"{label} ({type(model).__name__})"
-        self.default_name = None
+        self.path_parts = None
         self.config = model.config
         self._state = model.state_dict()
         self.shapes = {k: tuple(v.shape) for k, v in self._state.items()}

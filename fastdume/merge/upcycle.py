@@ -35,7 +35,22 @@ def dense_layout(config):
 
 
 def _default_domains(sources):
-    return [s.default_name if s.default_name else f"expert{i}" for i, s in enumerate(sources)]
+    """Directory names; where two directories share a name (runs/a/final, runs/b/final), the
+    shortest path suffix that tells them apart (a/final, b/final). Models: expert<i>."""
+    names = []
+    for i, s in enumerate(sources):
+        if s.path_parts is None:
+            names.append(f"expert{i}")
+            continue
+        others = [o.path_parts for o in sources if o is not s and o.path_parts is not None]
+        distinct = (
+            n
+            for n in range(1, len(s.path_parts) + 1)
+            if all(o[-n:] != s.path_parts[-n:] for o in others)
+        )
+        # the same directory twice has no distinguishing suffix: its name, and the clash is reported
+        names.append("/".join(s.path_parts[-next(distinct, 1) :]))
+    return names
 
 
 def _check_domains(domains, count):
@@ -177,12 +192,13 @@ def upcycle(
     _check_routed(routed, shared, top_k)
     base_dir = _parse_shared(shared)
     with open_sources(experts, base_dir) as (sources, base):
-        domains = list(domains) if domains is not None else _default_domains(sources)
-        _check_domains(domains, len(sources))
+        # The experts themselves first: a shape mismatch matters more than a name clash.
         config = check_configs(sources, base)
         check_vocabularies(sources, base)
         layout = dense_layout(config)
         check_tensors(sources, base, layout)
+        domains = list(domains) if domains is not None else _default_domains(sources)
+        _check_domains(domains, len(sources))
         dtype = dtype or sources[0].dtype or torch.float32
         dume_config = DumeConfig(
             base_config=config.to_dict(),

@@ -47,15 +47,36 @@ class RandomTokens:
         return ids, ids.clone()
 
 
-def _tokenizer(model_dir):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(spec, model_dir, tokenizer_dir=None):
+    """Raise up front (before any stage starts) when `spec` needs a tokenizer nobody named:
+    a JSONL file is tokenized with `tokenizer_dir`, else with the model directory's own."""
+    if spec == "random" or tokenizer_dir is not None or not os.path.exists(spec):
+        return
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"model directory {model_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}), "
+            f"so the data file {spec} cannot be tokenized as the model expects: pass "
+            "--tokenizer DIR (PipelineConfig.tokenizer) naming the model's tokenizer"
+        )
+
+
+def _tokenizer(spec, model_dir, tokenizer_dir):
+    """(tokenizer, what it is) for the data `spec`: `tokenizer_dir` when given; else the model's
+    own for a JSONL file, and fastdume's shipped one for a corpus domain."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, TypeError):
-        from fastdume.data import load_tokenizer
+    if tokenizer_dir is not None:
+        which = f"the tokenizer in {tokenizer_dir}"
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir)), which
+    if os.path.exists(spec):
+        check_tokenizer(spec, model_dir)
+        return AutoTokenizer.from_pretrained(str(model_dir)), f"the tokenizer in {model_dir}"
+    from fastdume.data import load_tokenizer
 
-        return load_tokenizer()
+    return load_tokenizer(), "fastdume's shipped tokenizer (corpus domains use it by default)"
 
 
 def _sft_rows(path, tokenizer, seq_len):
@@ -82,8 +103,8 @@ def _sft_rows(path, tokenizer, seq_len):
     return torch.tensor(ids_rows), torch.tensor(label_rows)
 
 
-def _domain_rows(domain, seq_len, needed, seed):
-    from fastdume.data import batches, domains, load_tokenizer
+def _domain_rows(domain, tokenizer, seq_len, needed, seed):
+    from fastdume.data import batches, domains
 
     if domain not in domains():
         raise ValueError(
@@ -91,7 +112,7 @@ def _domain_rows(domain, seq_len, needed, seed):
         )
     ids, masks = [], []
     for b in batches(
-        load_tokenizer(),
+        tokenizer,
         domain,
         "train",
         seq_len=seq_len,
@@ -105,15 +126,18 @@ def _domain_rows(domain, seq_len, needed, seed):
     return ids, torch.where(masks.bool(), ids, torch.full_like(ids, IGNORE))
 
 
-def build_source(spec, model_dir, vocab_size, seq_len, needed=1024, seed=0):
+def build_source(spec, model_dir, vocab_size, seq_len, needed=1024, seed=0, tokenizer_dir=None):
     """The batch source for `spec` ("random", a JSONL path or a corpus domain)."""
     if spec == "random":
         return RandomTokens(vocab_size, seq_len, seed)
+    tokenizer, which = _tokenizer(spec, model_dir, tokenizer_dir)
     if os.path.exists(spec):
-        ids, labels = _sft_rows(spec, _tokenizer(model_dir), seq_len)
+        ids, labels = _sft_rows(spec, tokenizer, seq_len)
     else:
-        ids, labels = _domain_rows(spec, seq_len, needed, seed)
+        ids, labels = _domain_rows(spec, tokenizer, seq_len, needed, seed)
     if int(ids.max()) >= vocab_size:
-        top = int(ids.max())
-        raise ValueError(f"data token ids reach {top} but the model's vocab_size is {vocab_size}")
+        raise ValueError(
+            f"data token ids reach {int(ids.max())} but the model's vocab_size is {vocab_size}: "
+            f"the data was tokenized with {which}; pass --tokenizer DIR naming the model's own"
+        )
     return BatchSource(ids, labels, seed)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastdume._atomic import replace_directory, save_safetensors
 from fastdume._dist import process_group_backend
 from fastdume.pipeline import checkpoint
-from fastdume.pipeline.data import IGNORE, build_source
+from fastdume.pipeline.data import IGNORE, build_source, check_tokenizer
 from fastdume.pipeline.hooks import StageContext, load_hooks
 from fastdume.pipeline.optim import clip_coefficient, make_optimizer
 from fastdume.pipeline.partition import StageModule, build_stage, is_tied
@@ -58,6 +58,7 @@ class PipelineConfig:
     threads: int = 1
     dtype: str = "float32"
     device: str = "cpu"  # "cuda": each stage on a GPU (LOCAL_RANK), NCCL for its reductions
+    tokenizer: str | None = None  # tokenizer directory (default: the model's; see data.py)
     save_model: bool = True
 
     def check(self):
@@ -73,6 +74,7 @@ class PipelineConfig:
         if self.timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
         schedule(self.schedule, self.micro_batches, 0, self.stages)  # validates the name
+        check_tokenizer(self.data, self.model, self.tokenizer)
         return self
 
 
@@ -112,8 +114,14 @@ class Stage:
             cfg.steps,
             cfg.min_lr_ratio,
         )
+        # on a GPU the channel stages transfers through pinned memory and copy streams
         self.channel = Channel(
-            self.stage, lambda s: s * R + self.replica, cfg.compress, cfg.block, cfg.timeout
+            self.stage,
+            lambda s: s * R + self.replica,
+            cfg.compress,
+            cfg.block,
+            cfg.timeout,
+            device=self.device,
         )
         self.ctx = StageContext(
             self.stage, S, self.replica, R, self.module.layer_range, self.params, {}, self.opt
@@ -127,6 +135,7 @@ class Stage:
             cfg.seq_len,
             needed=global_batch * max(1, cfg.steps),
             seed=cfg.seed,
+            tokenizer_dir=cfg.tokenizer,
         )
         self.order = schedule(cfg.schedule, cfg.micro_batches, self.stage, S)
 
