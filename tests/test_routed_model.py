@@ -446,3 +446,16 @@ def test_gradient_checkpointing_is_refused_for_the_stateful_options():
     (enable or model.gradient_checkpointing_enable)()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(torch.randint(0, 256, (1, 5)))
+
+
+def test_a_deep_copy_routes_on_its_own_state():
+    """The evaluation copies models (copy.deepcopy): the copy's modules share the copy's state."""
+    import copy
+
+    dense = [tiny_dense("llama", seed=s) for s in range(2)]
+    model = fastdume.upcycle(dense, routed="model", features="context", depth="layer")
+    clone = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad(), forced_expert(clone, 1):
+        torch.testing.assert_close(clone(ids).logits, dense[1](ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids).logits, dense[0](ids).logits, rtol=0, atol=0)
