@@ -3,7 +3,9 @@
 The router's ridge system is a sum of per-domain blocks, so adding a domain needs only that
 domain's statistics and removing one drops its block; the routers are then re-solved.
 Statistics stay exact when the shared (non-expert) weights do not change, i.e. for models
-built with shared="base:<dir>". With shared="mean" the shared weights are a mean over the
+built with shared="base:<dir>" and for routed="model" (nothing shared: forcing expert e
+reproduces dense expert e whatever the other experts are; the routers' token table is fixed).
+With shared="mean" the shared weights are a mean over the
 experts and move with every change: pass recollect=True (and batches for every domain) to
 re-run the statistics, otherwise the old domains' statistics are approximate (warned).
 """
@@ -17,17 +19,22 @@ import torch
 from torch import nn
 
 from fastdume.merge.sources import check_configs, check_tensors, open_sources
+from fastdume.models.modeling import DumeExperts, DumeMoE, DumeRouter
 from fastdume.router import collect_stats, fit_router, shared_fingerprint
+from fastdume.router.fingerprint import PER_EXPERT
 
 _COLLECT_KEYS = ("max_tokens", "skip_first_token", "progress")
 
 
 def _shared_mode(model, shared):
+    """ "mean", "base" or "none" (routed="model": nothing shared, statistics always exact)."""
     mode = model.config.shared
     if shared is not None and shared != mode:
         raise ValueError(
             f"shared must match how the model was built ({mode!r}) or be None, got {shared!r}"
         )
+    if model.config.routed == "model":
+        return "none"
     return "mean" if mode == "mean" else "base"
 
 
@@ -52,48 +59,65 @@ def _param(t):
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t.contiguous())
 
 
-def _resize_params(moe, gate_up, down, router_weight, router_bias):
-    moe.experts.gate_up_proj = _param(gate_up)
-    moe.experts.down_proj = _param(down)
-    moe.experts.num_experts = gate_up.shape[0]
-    moe.router.weight = _param(router_weight)
-    moe.router.bias = _param(router_bias)
-    moe.router.out_features = gate_up.shape[0]
-    moe.top_k = min(moe.top_k, gate_up.shape[0])
+def _expert_tensors(model):
+    """(module name, module, parameter name) of every tensor with a leading expert dimension:
+    MoE experts, routers, and (routed="model") every routed module."""
+    return [
+        (name, module, pname)
+        for name, module in model.named_modules()
+        if isinstance(module, PER_EXPERT)
+        for pname, _ in module.named_parameters(recurse=False)
+    ]
 
 
 @torch.no_grad()
+def _replace(model, make):
+    """Set every per-expert tensor to make(name, module, pname, old) (a tied tensor once)."""
+    done = {}
+    for name, module, pname in _expert_tensors(model):
+        old = getattr(module, pname)
+        if id(old) not in done:
+            done[id(old)] = _param(make(name, module, pname, old))
+        setattr(module, pname, done[id(old)])
+    _sync_sizes(model)
+
+
+def _sync_sizes(model):
+    for module in model.modules():
+        if isinstance(module, DumeExperts):
+            module.num_experts = module.gate_up_proj.shape[0]
+        elif isinstance(module, DumeRouter):
+            module.out_features = module.weight.shape[0]
+        elif isinstance(module, DumeMoE):
+            module.top_k = min(module.top_k, module.experts.num_experts)
+
+
+def _new_rows(name, module, pname, source):
+    """The new expert's slice of one per-expert tensor, read from its dense checkpoint."""
+    if isinstance(module, DumeRouter):
+        return None  # zero until the routers are re-solved
+    if isinstance(module, DumeExperts):
+        prefix = name.removesuffix("experts")  # model.layers.N.mlp.
+        if pname == "gate_up_proj":
+            gate, up = (source.get(f"{prefix}{p}_proj.weight") for p in ("gate", "up"))
+            return torch.cat([gate, up])
+        return source.get(f"{prefix}down_proj.weight")
+    return source.get(f"{name}.{pname}")
+
+
 def _append_expert(model, source):
-    inter = model.config.base_config["intermediate_size"]
-    for layer, moe in enumerate(model.dume_layers()):
-        old_gu, old_down = moe.experts.gate_up_proj, moe.experts.down_proj
-        prefix = f"model.layers.{layer}.mlp."
-        gate = source.get(prefix + "gate_proj.weight")
-        up = source.get(prefix + "up_proj.weight")
-        new_gu = torch.cat([gate, up]).to(old_gu)
-        new_down = source.get(prefix + "down_proj.weight").to(old_down)
-        assert new_gu.shape[0] == 2 * inter
-        weight, bias = moe.router.weight, moe.router.bias
-        _resize_params(
-            moe,
-            torch.cat([old_gu, new_gu[None]]),
-            torch.cat([old_down, new_down[None]]),
-            torch.cat([weight, weight.new_zeros(1, weight.shape[1])]),
-            torch.cat([bias, bias.new_zeros(1)]),
-        )
+    def make(name, module, pname, old):
+        rows = _new_rows(name, module, pname, source)
+        rows = old.new_zeros(old.shape[1:]) if rows is None else rows.to(old)
+        assert rows.shape == old.shape[1:], (name, pname, rows.shape, old.shape)
+        return torch.cat([old, rows[None]])
+
+    _replace(model, make)
 
 
-@torch.no_grad()
 def _drop_expert(model, index):
     keep = [e for e in range(model.config.num_experts) if e != index]
-    for moe in model.dume_layers():
-        _resize_params(
-            moe,
-            moe.experts.gate_up_proj[keep],
-            moe.experts.down_proj[keep],
-            moe.router.weight[keep],
-            moe.router.bias[keep],
-        )
+    _replace(model, lambda name, module, pname, old: old[keep])
 
 
 @torch.no_grad()
@@ -108,24 +132,23 @@ def _update_mean(model, source, count, sign):
 
 
 def _snapshot(model, clone_shared):
-    """What a failed add/remove must put back: expert/router parameters (replaced, not changed
+    """What a failed add/remove must put back: the per-expert parameters (replaced, not changed
     in place), the config, and (mean mode) copies of the shared weights."""
-    layers = [
-        (moe.experts.gate_up_proj, moe.experts.down_proj, moe.router.weight, moe.router.bias)
-        for moe in model.dume_layers()
-    ]
+    params = [(m, p, getattr(m, p)) for _, m, p in _expert_tensors(model)]
     state = model.state_dict()
     shared = {k: state[k].clone() for k in _shared_keys(model)} if clone_shared else {}
     config = (list(model.config.domains), model.config.num_experts, model.config.top_k)
-    tops = [moe.top_k for moe in model.dume_layers()]
-    return layers, shared, config, tops
+    tops = [(moe, moe.top_k) for moe in model.dume_layers()]
+    return params, shared, config, tops
 
 
 @torch.no_grad()
 def _restore(model, snapshot):
-    layers, shared, config, tops = snapshot
-    for moe, params, top_k in zip(model.dume_layers(), layers, tops, strict=True):
-        _resize_params(moe, *params)
+    params, shared, config, tops = snapshot
+    for module, pname, param in params:
+        setattr(module, pname, param)
+    _sync_sizes(model)
+    for moe, top_k in tops:
         moe.top_k = top_k
     state = model.state_dict()
     for key, value in shared.items():

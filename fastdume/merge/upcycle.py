@@ -6,6 +6,7 @@ the unweighted mean over the experts (shared="mean", the paper) or the base mode
 Checkpoints are read one tensor at a time from safetensors, so the peak memory is the result
 plus one tensor per expert being merged (plus one fp32 accumulator), never whole experts.
 Routers start at zero (every token goes to expert 0) until fastdume.fit_router sets them.
+With routed="model" nothing is merged: every tensor is stacked over the experts.
 """
 
 import os
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fastdume.merge.sources import check_configs, check_tensors, check_vocabularies, open_sources
 from fastdume.models.modeling import DumeConfig, DumeForCausalLM, family_class
+from fastdume.models.routing import check_options
 
 
 def _mlp_key(layer, part):
@@ -87,6 +89,22 @@ def _empty_model(config, dtype):
 
 
 @torch.no_grad()
+def _fill_routed(model, sources, layout, bar):
+    """routed="model": every dense tensor stacked over the experts ([E, ...]); the routers'
+    token table is the mean of the experts' embeddings (fixed from now on)."""
+    target = model.state_dict()
+    for key in layout:
+        bar.update()
+        for e, source in enumerate(sources):
+            target[key][e].copy_(source.get(key))
+    embed = target["model.embed_tokens.weight"]
+    model.router_embed.weight.copy_(embed.to(torch.float32).mean(dim=0))
+    for router in model.dume_routers():
+        router.weight.zero_()
+        router.bias.zero_()
+
+
+@torch.no_grad()
 def _fill_shared(target, sources, shared_source, layout, bar):
     for key in layout:
         if ".mlp." in key:
@@ -113,19 +131,46 @@ def _fill_experts(model, sources, bar):
             gate_up[e, :inter].copy_(source.get(_mlp_key(layer, "gate_proj")))
             gate_up[e, inter:].copy_(source.get(_mlp_key(layer, "up_proj")))
             down[e].copy_(source.get(_mlp_key(layer, "down_proj")))
-        moe.router.weight.zero_()
-        moe.router.bias.zero_()
+    for router in model.dume_routers():
+        router.weight.zero_()
+        router.bias.zero_()
+
+
+def _check_routed(routed, shared, top_k):
+    """routed="model" shares nothing, so `shared` has no meaning there; nor has top_k > 1."""
+    if routed == "model" and shared != "mean":
+        raise ValueError(
+            f"shared must be left at its default for routed='model' (every tensor is kept per "
+            f"expert, nothing is shared), got shared={shared!r}"
+        )
+    if routed == "model" and top_k != 1:
+        raise ValueError(f"top_k must be 1 for routed='model', got {top_k!r}")
 
 
 def upcycle(
-    experts, domains=None, shared="mean", dtype=None, top_k=1, temperature=1.0, progress=None
+    experts,
+    domains=None,
+    shared="mean",
+    dtype=None,
+    routed="mlp",
+    features=None,
+    depth=None,
+    top_k=1,
+    temperature=1.0,
+    progress=None,
 ):
     """Merge dense experts (HF directories or PreTrainedModel objects) into a DumeForCausalLM.
 
     experts: list of E >= 1 models of one family (Llama, Mistral, Qwen2, Qwen3) and one config,
     or a dict domain -> model (then the keys are the domains).
     domains: one distinct name per expert (default: directory names, else "expert<i>").
-    shared: "mean" | "base:<dir>". dtype: result dtype (default: the first expert's).
+    shared: "mean" | "base:<dir>" (routed="mlp" only). dtype: result dtype (default: the
+    first expert's).
+    routed: "mlp" (the paper: MLPs are experts, the rest shared) | "model" (every tensor kept
+    per expert; a token runs its expert's whole network; top_k must be 1).
+    features: "token" | "context" | "context:<half-life>"; depth: "layer" | "cumulative" |
+    "single"; None = the measured default of that `routed` (fastdume.models.routing.DEFAULTS;
+    routed="mlp": the paper's token/layer). See fastdume.models.routing.
     top_k, temperature: routing settings stored in the config. progress: show a progress bar
     (None: only on a terminal).
     Everything is checked before any tensor is merged; a mismatch raises ValueError naming the
@@ -143,6 +188,8 @@ def upcycle(
         )
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    routed, features, depth = check_options(routed, features, depth)
+    _check_routed(routed, shared, top_k)
     base_dir = _parse_shared(shared)
     with open_sources(experts, base_dir) as (sources, base):
         # The experts themselves first: a shape mismatch matters more than a name clash.
@@ -158,12 +205,25 @@ def upcycle(
             domains=domains,
             top_k=top_k,
             router_temperature=temperature,
-            shared="mean" if base is None else f"base:{os.path.abspath(base_dir)}",
+            shared=_shared_name(routed, base, base_dir),
+            routed=routed,
+            router_features=features,
+            router_depth=depth,
         )
         model = _empty_model(dume_config, dtype)
-        steps = sum(".mlp." not in k for k in layout) + config.num_hidden_layers
         disable = None if progress is None else not progress  # None: tqdm's "not a terminal"
+        if routed == "model":
+            with tqdm(total=len(layout), desc="upcycle", unit="tensor", disable=disable) as bar:
+                _fill_routed(model, sources, layout, bar)
+            return model
+        steps = sum(".mlp." not in k for k in layout) + config.num_hidden_layers
         with tqdm(total=steps, desc="upcycle", unit="tensor", disable=disable) as bar:
             _fill_shared(model.state_dict(), sources, base, layout, bar)
             _fill_experts(model, sources, bar)
     return model
+
+
+def _shared_name(routed, base, base_dir):
+    if routed == "model":
+        return "none"
+    return "mean" if base is None else f"base:{os.path.abspath(base_dir)}"

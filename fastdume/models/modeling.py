@@ -11,11 +11,19 @@ import contextlib
 import torch
 import transformers
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
+from fastdume.models import routing
+from fastdume.models.routed import RoutedEmbedding, RoutedLinear, RoutedRMSNorm, route_whole_model
 from fastdume.ops.moe import fused_moe, moe_experts
 
 # transformers 5.2x renamed past_key_values to cache; the floor, 5.17, knows only the old name.
@@ -49,7 +57,10 @@ class DumeConfig(PreTrainedConfig):
 
     base_config: dict of the dense config (with its model_type); domains: one name per expert,
     in expert order; top_k / router_temperature: routing (logits / T, top-k, softmax over k);
-    shared: how fastdume.upcycle made the non-expert weights ("mean" or "base:<dir>").
+    shared: how fastdume.upcycle made the non-expert weights ("mean" or "base:<dir>"; "none"
+    for routed="model", which shares nothing).
+    routed / router_features / router_depth: the routing options of fastdume.models.routing
+    (configs saved before they existed load as the paper's: "mlp", "token", "layer").
     """
 
     model_type = "dume"
@@ -61,6 +72,9 @@ class DumeConfig(PreTrainedConfig):
     router_temperature: float = 1.0
     dense_family: str | None = None
     shared: str = "mean"  # how the non-expert weights were made: "mean" or "base:<dir>"
+    routed: str = "mlp"
+    router_features: str = "token"
+    router_depth: str = "layer"
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -99,6 +113,14 @@ class DumeConfig(PreTrainedConfig):
             )
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in 1..{self.num_experts}, got {self.top_k}")
+        self.routed, self.router_features, self.router_depth = routing.check_options(
+            self.routed, self.router_features, self.router_depth
+        )
+        if self.routed == "model" and self.top_k != 1:
+            raise ValueError(
+                f"top_k must be 1 for routed='model' (each token runs one expert's whole network; "
+                f"mixing k networks is not defined), got {self.top_k}"
+            )
         if not self.router_temperature > 0:
             raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
         self.router_temperature = float(self.router_temperature)
@@ -130,18 +152,35 @@ class DumeConfig(PreTrainedConfig):
     def vocab_size(self):
         return (self.base_config or {}).get("vocab_size")
 
+    @property
+    def num_routers(self):
+        """Routers (RouterStats layers): one with depth="single", else one per layer."""
+        return 1 if self.router_depth == "single" else self.num_hidden_layers
+
+
+def _keep_fp32(fn):
+    def apply(t):
+        out = fn(t)
+        if t.is_floating_point() and t.dtype == torch.float32 and out.dtype != torch.float32:
+            return t.to(device=out.device)
+        return out
+
+    return apply
+
 
 class DumeRouter(nn.Linear):
     """nn.Linear(H, E, bias=True) whose parameters stay fp32 through .to()/.half()/.bfloat16()."""
 
     def _apply(self, fn, recurse=True):
-        def keep_fp32(t):
-            out = fn(t)
-            if t.is_floating_point() and t.dtype == torch.float32 and out.dtype != torch.float32:
-                return t.to(device=out.device)
-            return out
+        return super()._apply(_keep_fp32(fn), recurse)
 
-        return super()._apply(keep_fp32, recurse)
+
+class DumeRouterEmbedding(nn.Embedding):
+    """routed="model": the fixed token table router 0 reads (the mean of the experts' embeddings
+    at upcycle time; never changed by add/remove, so statistics stay exact). Stays fp32."""
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(_keep_fp32(fn), recurse)
 
 
 class DumeExperts(nn.Module):
@@ -165,7 +204,7 @@ class DumeExperts(nn.Module):
 class DumeMoE(nn.Module):
     """The MoE that replaces a dense MLP: fp32 linear router with bias, top-k, E experts."""
 
-    def __init__(self, config, dense_config):
+    def __init__(self, config, dense_config, index=0, state=None):
         super().__init__()
         if dense_config.hidden_act != "silu":
             raise ValueError(
@@ -173,11 +212,17 @@ class DumeMoE(nn.Module):
                 f"{dense_config.hidden_act!r}"
             )
         hidden, inter = dense_config.hidden_size, dense_config.intermediate_size
-        self.router = DumeRouter(hidden, config.num_experts, bias=True, dtype=torch.float32)
+        single = getattr(config, "router_depth", "layer") == "single"
+        # depth="single": the model's one router decides; this layer has none of its own
+        self.router = None
+        if not single:
+            self.router = DumeRouter(hidden, config.num_experts, bias=True, dtype=torch.float32)
         self.experts = DumeExperts(config.num_experts, hidden, inter)
         self.top_k = config.top_k
         self.temperature = float(config.router_temperature)
         self.force_expert = None  # None: learned routing; int e: every token to expert e
+        # Other than the paper's options: decisions through the model's RoutingState.
+        self.index, self.dume_state = index, state
 
     @property
     def num_experts(self):
@@ -187,7 +232,14 @@ class DumeMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
-        if self.force_expert is None:
+        if self.dume_state is not None:
+            state = self.dume_state
+            if self.router is None:  # depth="single": decided at the embeddings
+                weights, ids = state.decision
+            else:
+                weights, ids = state.decide(self.index, hidden_states)
+            out = moe_experts(x, weights, ids, gate_up, down, check_ids=False)
+        elif self.force_expert is None:
             out = fused_moe(
                 x,
                 self.router.weight,
@@ -232,17 +284,23 @@ class DumePreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
+        std = self.config.base_config.get("initializer_range", 0.02)
         if isinstance(module, DumeExperts):
-            std = self.config.base_config.get("initializer_range", 0.02)
             hf_init.normal_(module.gate_up_proj, mean=0.0, std=std)
             hf_init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, (RoutedLinear, RoutedEmbedding)):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, RoutedRMSNorm):
+            hf_init.ones_(module.weight)
 
     def initialize_weights(self):
         super().initialize_weights()
         # The family's decoder is itself a PreTrainedModel, so transformers initialises its
         # subtree with the family's _init_weights, which does not know the experts.
         for module in self.modules():
-            if isinstance(module, DumeExperts):
+            if isinstance(module, (DumeExperts, RoutedLinear, RoutedEmbedding, RoutedRMSNorm)):
                 self._init_weights(module)
 
 
@@ -253,15 +311,39 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         super().__init__(config)
         dense = config.dense_config()
         self.model = family_class(config.dense_family, 1)(dense)
-        for layer in self.model.layers:
-            layer.mlp = DumeMoE(config, dense)
         self.vocab_size = dense.vocab_size
-        self.lm_head = nn.Linear(dense.hidden_size, dense.vocab_size, bias=False)
+        E, H, V = config.num_experts, dense.hidden_size, dense.vocab_size
+        # routers of the non-paper options that are not inside an MoE (RouterStats order)
+        self.routers = nn.ModuleList()
+        if config.routed == "model" or config.router_depth == "single":
+            for _ in range(config.num_routers):
+                self.routers.append(DumeRouter(H, E, bias=True, dtype=torch.float32))
+        self.dume_state = None if routing.is_paper(config) else routing.RoutingState(config, [])
+        if config.routed == "model":
+            self.router_embed = DumeRouterEmbedding(V, H)
+            self.lm_head = RoutedLinear(E, H, V)
+            self.lm_head.dume_state = self.dume_state
+            deciding = range(1, config.num_routers)  # router 0 decides before the decoder runs
+            route_whole_model(self.model, E, self.dume_state, set(deciding))
+        else:
+            for i, layer in enumerate(self.model.layers):
+                layer.mlp = DumeMoE(config, dense, i, self.dume_state)
+            self.lm_head = nn.Linear(H, V, bias=False)
+        if self.dume_state is not None:
+            self.dume_state.routers = self.dume_routers()
         self.post_init()
 
     def dume_layers(self):
-        """The DumeMoE of every decoder layer, in layer order."""
+        """The DumeMoE of every decoder layer, in layer order (none for routed="model")."""
+        if self.config.routed == "model":
+            return []
         return [layer.mlp for layer in self.model.layers]
+
+    def dume_routers(self):
+        """The router modules (nn.Linear H -> E, fp32) in RouterStats layer order."""
+        if len(self.routers):
+            return list(self.routers)
+        return [moe.router for moe in self.dume_layers()]
 
     @property
     def domains(self):
@@ -281,17 +363,32 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **{CACHE_ARG: past_key_values if cache is None else cache},
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state[:, _kept_positions(logits_to_keep), :]
-        logits = self.lm_head(hidden_states)
+        cache = past_key_values if cache is None else cache
+        state = self.dume_state
+        if state is not None:
+            cache = self._begin_routing(input_ids, inputs_embeds, attention_mask, cache, use_cache)
+        try:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **{CACHE_ARG: cache},
+                **kwargs,
+            )
+            kept = _kept_positions(logits_to_keep)
+            hidden_states = outputs.last_hidden_state[:, kept, :]
+            if self.config.routed == "model":
+                logits = self.lm_head(hidden_states, ids=state.ids[:, kept])
+            else:
+                logits = self.lm_head(hidden_states)
+            new_cache = getattr(outputs, CACHE_ARG)
+            if state is not None and new_cache is not None and state.context:
+                new_cache.dume_context = state.context
+        finally:
+            if state is not None:
+                state.end()
         loss = None
         if labels is not None:
             loss = self.loss_function(
@@ -300,10 +397,44 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
+            **{CACHE_ARG: new_cache},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def _begin_routing(self, input_ids, inputs_embeds, attention_mask, cache, use_cache):
+        """Set up the RoutingState for this forward (mask, running-mean state from the cache)
+        and make the decisions taken before the decoder runs. -> the cache to use."""
+        config, state = self.config, self.dume_state
+        if input_ids is None and (config.routed == "model" or inputs_embeds is None):
+            raise ValueError(
+                f"input_ids are required by routed={config.routed!r} (got inputs_embeds only)"
+            )
+        shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+        if use_cache is None:
+            use_cache = self.model.config.use_cache
+        if use_cache and cache is None:  # made here so the running mean can travel with it
+            cache = DynamicCache(config=self.model.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        context = getattr(cache, "dume_context", None) if past else None
+        if past and context is None and state.half_life is not None:
+            raise ValueError(
+                f"the cache holds {past} tokens but no running-mean state (cache.dume_context) "
+                f"for router_features={config.router_features!r}; continue from the cache this "
+                "model returned"
+            )
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if attention_mask is None:
+            mask = torch.ones(shape, dtype=torch.bool, device=device)
+        else:
+            mask = attention_mask[:, -shape[1] :].bool()
+        state.begin(mask, context)
+        if config.routed == "model":
+            state.decide(0, self.router_embed(input_ids))
+        elif config.router_depth == "single":
+            x = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)
+            state.decide(0, x)
+        return cache
 
 
 @contextlib.contextmanager
@@ -321,13 +452,19 @@ def forced_expert(model, expert):
     if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < num_experts:
         raise ValueError(f"expert must be an int in 0..{num_experts - 1}, got {expert!r}")
     previous = [layer.force_expert for layer in layers]
+    state = model.dume_state
+    before_state = None if state is None else state.force
     for layer in layers:
         layer.force_expert = expert
+    if state is not None:
+        state.force = expert
     try:
         yield model
     finally:
         for layer, before in zip(layers, previous, strict=True):
             layer.force_expert = before
+        if state is not None:
+            state.force = before_state
 
 
 transformers.AutoConfig.register("dume", DumeConfig, exist_ok=True)

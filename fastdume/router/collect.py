@@ -1,6 +1,6 @@
 """Collecting router statistics: run a model with every layer forced to one domain's expert and
-accumulate the MoE inputs of all layers in one forward pass (sharded over ranks when
-torch.distributed is up)."""
+accumulate every router's input features in one forward pass, stopped after the last router
+(sharded over ranks when torch.distributed is up)."""
 
 import contextlib
 import math
@@ -9,7 +9,12 @@ from collections.abc import Mapping
 import torch
 
 from fastdume.models.modeling import forced_expert
-from fastdume.router.fingerprint import check_model, router_shape, shared_fingerprint
+from fastdume.router.fingerprint import (
+    check_model,
+    model_options,
+    router_shape,
+    shared_fingerprint,
+)
 from fastdume.router.stats import RouterStats
 
 
@@ -62,25 +67,46 @@ def _is_main_rank():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+@contextlib.contextmanager
+def _capturing(model, update):
+    """Call update(index, router input [B, S, H]) for every router of a forward; the paper's
+    configuration through pre-hooks on the MoE layers, the others through the RoutingState's
+    recorder (which sees the router features: running means, the token table, ...)."""
+    state = model.dume_state
+    if state is None:
+        handles = [
+            layer.register_forward_pre_hook(lambda module, args, i=i: update(i, args[0]))
+            for i, layer in enumerate(model.dume_layers())
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
+    previous = state.recorder
+    state.recorder = lambda index, features, mask: update(index, features)
+    try:
+        yield
+    finally:
+        state.recorder = previous
+
+
 def _collect_local(model, domain, batches, budget, skip_first_token, local, progress):
     expert = list(model.config.domains).index(domain)
-    layers = model.dume_layers()
+    last = local.num_layers - 1
     device = next(model.parameters()).device
     state = {"mask": None}
 
-    def make_hook(index):
-        def hook(module, args):
-            local.update(index, args[0].reshape(state["mask"].shape + (-1,)), domain, state["mask"])
-            if index == len(layers) - 1:
-                raise _StopForward
+    def update(index, x):
+        local.update(index, x.reshape(state["mask"].shape + (-1,)), domain, state["mask"])
+        if index == last:
+            raise _StopForward  # the rest of the forward is not needed
 
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i)) for i, layer in enumerate(layers)]
     bar = _progress(progress, budget, domain)
     seen = 0
     try:
-        with torch.no_grad(), forced_expert(model, expert):
+        with torch.no_grad(), forced_expert(model, expert), _capturing(model, update):
             for batch in batches:
                 ids, mask = _as_batch(batch, device)
                 state["mask"] = _token_mask(mask, skip_first_token, _left(budget, seen))
@@ -93,8 +119,6 @@ def _collect_local(model, domain, batches, budget, skip_first_token, local, prog
                 if budget is not None and seen >= budget:
                     break
     finally:
-        for handle in handles:
-            handle.remove()
         bar.close()
     return seen
 
@@ -136,7 +160,8 @@ def collect_stats(
     if stats is not None:
         check_model(stats, model)
     device = next(model.parameters()).device
-    local = RouterStats(num_layers, hidden, [domain], fingerprint, device=device)
+    options = model_options(model)
+    local = RouterStats(num_layers, hidden, [domain], fingerprint, device, options)
     was_training = model.training
     model.eval()
     try:

@@ -98,10 +98,10 @@ def fit_router(model, stats, **solve_kwargs):
         )
     weight, bias = solve_router(stats, domains=domains, **solve_kwargs)
     with torch.no_grad():
-        for layer, w, b in zip(model.dume_layers(), weight, bias, strict=True):
-            layer.router.weight.copy_(w.to(layer.router.weight))
-            if layer.router.bias is not None:
-                layer.router.bias.copy_(b.to(layer.router.bias))
+        for router, w, b in zip(model.dume_routers(), weight, bias, strict=True):
+            router.weight.copy_(w.to(router.weight))
+            if router.bias is not None:
+                router.bias.copy_(b.to(router.bias))
             elif solve_kwargs.get("fit_intercept", True):
                 raise ValueError("the model's routers have no bias; pass fit_intercept=False")
     return model

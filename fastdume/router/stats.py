@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from fastdume._atomic import save_safetensors
+from fastdume.models.routing import PAPER_OPTIONS
 from fastdume.ops.gram import gram_accumulate, symmetrize
 from fastdume.router.fingerprint import check_model
 
@@ -31,9 +32,14 @@ class RouterStats:
     domains: the domain names this object holds (more are added by `+=` / collect_stats).
     fingerprint: hash of the shared weights of the model the statistics were taken on (None when
     unknown); statistics of different fingerprints never mix.
+    options: the routing options of that model ({"routed", "features", "depth"}; None when
+    unknown); "layers" are its routers (one for depth="single"). Files written before the
+    options existed load as the paper's.
     """
 
-    def __init__(self, num_layers, hidden_size, domains, fingerprint=None, device=None):
+    def __init__(
+        self, num_layers, hidden_size, domains, fingerprint=None, device=None, options=None
+    ):
         for name, value in (("num_layers", num_layers), ("hidden_size", hidden_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -41,6 +47,7 @@ class RouterStats:
             raise ValueError(f"domains must be a list of names, got the string {domains!r}")
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.fingerprint = fingerprint
+        self.options = None if options is None else dict(options)
         self.device = torch.device(device or "cpu")
         self._gram, self._sum, self._count = {}, {}, {}
         for domain in domains:
@@ -120,6 +127,11 @@ class RouterStats:
         theirs = (other.num_layers, other.hidden_size)
         if mine != theirs:
             raise ValueError(f"{what} has (num_layers, hidden_size) = {theirs}, expected {mine}")
+        if None not in (self.options, other.options) and self.options != other.options:
+            raise ValueError(
+                f"{what} was collected with routing options {other.options}, expected "
+                f"{self.options}"
+            )
         if None not in (self.fingerprint, other.fingerprint) and (
             self.fingerprint != other.fingerprint
         ):
@@ -137,6 +149,7 @@ class RouterStats:
             self._sum[domain] += other._sum[domain].to(self.device)
             self._count[domain] += other._count[domain].to(self.device)
         self.fingerprint = self.fingerprint or other.fingerprint
+        self.options = self.options or other.options
         return self
 
     def __add__(self, other):
@@ -145,13 +158,18 @@ class RouterStats:
         return result
 
     def copy(self):
-        result = RouterStats(self.num_layers, self.hidden_size, [], self.fingerprint, self.device)
+        result = self._empty()
         result += self
         return result
 
+    def _empty(self):
+        return RouterStats(
+            self.num_layers, self.hidden_size, [], self.fingerprint, self.device, self.options
+        )
+
     def select(self, domains):
         """A new RouterStats with only `domains` (in that order)."""
-        result = RouterStats(self.num_layers, self.hidden_size, [], self.fingerprint, self.device)
+        result = self._empty()
         for domain in domains:
             self._domain(domain)
             result._allocate(domain)
@@ -205,6 +223,8 @@ class RouterStats:
             "token_counts": json.dumps({d: self.tokens(d) for d in self.domains}),
             "fingerprint": self.fingerprint or "",
         }
+        for key, value in (self.options or {}).items():
+            metadata[f"routing_{key}"] = value
         return save_safetensors(path, tensors, metadata)
 
     @classmethod
@@ -224,7 +244,9 @@ class RouterStats:
             ) from err
         _check_metadata(path, meta)
         L, H = int(meta["num_layers"]), int(meta["hidden_size"])
-        stats = cls(L, H, json.loads(meta["domains"]), meta["fingerprint"] or None, device)
+        options = {k: meta.get(f"routing_{k}", PAPER_OPTIONS[k]) for k in PAPER_OPTIONS}
+        fingerprint = meta["fingerprint"] or None
+        stats = cls(L, H, json.loads(meta["domains"]), fingerprint, device, options)
         rows, cols = torch.tril_indices(H, H)
         for i, domain in enumerate(stats.domains):
             packed = _get(tensors, f"gram.{i}", (L, rows.numel()), path)
