@@ -157,6 +157,8 @@ def run_eval(cfg):
     dense = methods.dense_cross(bench, {d: zoo.experts[d] for d in zoo.domains})
     results["dense_tokens_per_s"] = {d: res["tokens_per_s"] for d, res in dense.items()}
     dense_own = results["dense_own"] = bench.dense_own
+    if cfg.mixed_rows:  # the dense experts on the mixed-domain rows: the retention reference
+        results["mixed_reference"] = bench.mixed_ref
     if not cfg.routers_only:
         _baselines(cfg, zoo, bench)
     _log(f"DUME: upcycle, {cfg.stats_mode} statistics ({cfg.stats_tokens:,} tokens/domain), fit")

@@ -215,6 +215,7 @@ def run(cfg: SmolConfig) -> dict:
                           mixed_rows=cfg.mixed_rows)  # fmt: skip
     with _timed(timings, "dense_eval_s"):
         _dense_rows(cfg, bench, base, paths)
+    results["mixed_reference"] = bench.mixed_ref
     dume = _dume(cfg, bench, base, paths)
     with _timed(timings, "moe_eval_s"):
         methods.moe_oracle(bench, dume)
