@@ -172,6 +172,13 @@ def test_bad_flag_value_exits_2(capsys):
     assert "router_steps must be a positive int, got 0" in capsys.readouterr().err
 
 
+def test_bad_model_row_exits_2_before_any_work(capsys):
+    assert main(["eval", "--preset", "test", "--quick", "--model-rows", "context/deep"]) == 2
+    assert "depth must be one of" in capsys.readouterr().err
+    assert main(["eval", "--preset", "test", "--quick", "--mixed-rows", "-1"]) == 2
+    assert "mixed_rows must be an int >= 0, got -1" in capsys.readouterr().err
+
+
 def test_plot_without_matplotlib(monkeypatch, tmp_path, ev):
     import sys
 

@@ -88,6 +88,10 @@ class EvalConfig:
             or (self.checkpoints < 0)
         ):
             raise ValueError(f"checkpoints must be an int >= 0, got {self.checkpoints!r}")
+        from fastdume.models.routing import check_options
+
+        for features, depth in self.model_rows:  # before any model is built
+            check_options("model", features, depth)
         tokens = self.ablation_tokens
         if isinstance(tokens, (int, str)) or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in tokens
