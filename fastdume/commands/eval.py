@@ -73,6 +73,11 @@ def add_parser(subparsers):
         type=int,
         help="mixed-domain rows per ordered domain pair (0: none; default 8)",
     )
+    abl.add_argument(
+        "--no-training",
+        action="store_true",
+        help="skip the training rows (DUME+, DUME+ k=2, BTX-style, full FT)",
+    )
     abl.add_argument("--routers-only", action="store_true",
                      help="only the dense experts, the MoE routing rows (random, oracle, DUME "
                      "k=1/2) and the ablations: no merging baselines, no training")  # fmt: skip
@@ -111,6 +116,7 @@ def config_from_args(args):
         lam_mode=args.lam_mode, normalize=not args.no_normalize, intercept=not args.no_intercept,
         balance=args.balance, stats_mode=args.stats_mode, weighting=args.weighting,
         ablations=args.ablations, routers_only=args.routers_only, progress=not args.no_progress,
+        training=not args.no_training,
     )  # fmt: skip
     for name in ("stats_tokens", "eval_batches", "batch_size", "router_steps", "router_lr",
                  "full_steps", "full_lr", "checkpoints", "ablation_tokens", "model_rows",

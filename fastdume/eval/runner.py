@@ -51,6 +51,7 @@ class EvalConfig:
     # Only the dense experts and the MoE routing rows (and the ablations): no merging
     # baselines, no training.
     routers_only: bool = False
+    training: bool = True  # DUME+, DUME+ k=2, BTX-style, DUME full FT
     # routed="model" DUME rows, (features, depth) each (None: the default); () for none.
     model_rows: tuple = MODEL_ROWS
     # Mixed-domain rows (domain a then b) per ordered pair for the DUME rows and the merges;
@@ -172,7 +173,7 @@ def run_eval(cfg):
     rand, k2 = _dume_variants(cfg, dume, bench)
     if cfg.model_rows:
         _whole_model(cfg, zoo, batches_of, bench)
-    if not cfg.routers_only:
+    if cfg.training and not cfg.routers_only:
         _trained(cfg, dume, rand, k2, bench)
     if cfg.ablations:
         results["ablations"] = run_ablations(cfg, zoo, dume, stats, batches_of, dense_own)
