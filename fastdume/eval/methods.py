@@ -26,7 +26,8 @@ class Bench:
     batches_of(domain, split) -> iterable of batches; results holds "methods" and "curves";
     dense_own (each dense expert's test ppl on its own domain) is set by `dense_cross`.
     mixed_rows > 0 also scores the DUME rows and the merges on mixed-domain rows (that many per
-    ordered domain pair, `fastdume.eval.mixed`); mixed_ref is then set by `dense_cross`.
+    ordered domain pair, `fastdume.eval.mixed`; needs two domains); mixed_ref is then set by
+    `dense_cross`.
     """
 
     batches_of: Callable
@@ -60,7 +61,7 @@ def dense_cross(bench, models):
         model = baselines.load_dense(path)
         out[name] = evaluate(model, bench.batches_of, bench.domains)
         bench.results["cross"][name] = out[name]["ppl"]
-        if bench.mixed_rows and name in bench.domains:
+        if bench.mixed_rows and len(bench.domains) > 1 and name in bench.domains:
             bench.mixed_ref[name] = evaluate_mixed(
                 model, bench.batches_of, bench.domains, bench.mixed_rows
             )
@@ -71,7 +72,7 @@ def dense_cross(bench, models):
 def mixed(bench, name, model):
     """Score `model` on the mixed-domain rows into row `name` (after `record`); no-op when
     bench.mixed_rows is 0."""
-    if not bench.mixed_rows:
+    if not bench.mixed_rows or len(bench.domains) < 2:  # no domain pairs
         return None
     routing = hasattr(model, "dume_layers")
     res = evaluate_mixed(model, bench.batches_of, bench.domains, bench.mixed_rows, routing=routing)
