@@ -79,7 +79,8 @@ def test_routers_only_ablations_cli(test_zoo, tmp_path):
     with contextlib.redirect_stdout(out):
         code = main(["eval", "--preset", "test", "--quick", "--routers-only", "--ablations",
                      "--eval-batches", "1", "--stats-tokens", "1000", "--ablation-tokens",
-                     "500,1000", "--no-progress", "--json", str(tmp_path / "a.json")])  # fmt: skip
+                     "500,1000", "--no-progress", "--model-rows", "none", "--mixed-rows", "0",
+                     "--json", str(tmp_path / "a.json")])  # fmt: skip
     assert code == 0
     res = json.loads((tmp_path / "a.json").read_text())
     assert set(res["methods"]) == {"MoE oracle routing", "MoE random routing", "DUME k=1",
