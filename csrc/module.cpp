@@ -7,11 +7,14 @@
 
 #include <cstring>
 
-#include "stream.h"
+#include "format_bindings.h"
+#include "quant.h"
 #include "version.h"
+#include "wire.h"
 
 namespace py = pybind11;
-namespace fs = fastdume::stream;
+namespace fw = fastdume::wire;
+namespace fq = fastdume::quant;
 
 namespace {
 
@@ -23,11 +26,11 @@ T* ptr(uintptr_t p) {
 py::bytes header_bytes(uint8_t dtype, uint8_t codec, const std::vector<int64_t>& shape,
                        uint32_t block, int32_t stage, int32_t micro_batch, int64_t step,
                        uint64_t payload_bytes, uint32_t payload_crc) {
-  if (shape.size() > static_cast<size_t>(fs::kMaxDims))
-    throw std::invalid_argument("shape must have at most " + std::to_string(fs::kMaxDims) +
+  if (shape.size() > static_cast<size_t>(fw::kMaxDims))
+    throw std::invalid_argument("shape must have at most " + std::to_string(fw::kMaxDims) +
                                 " dims, got " + std::to_string(shape.size()));
-  fs::dtype_size(dtype);  // validates the code
-  fs::Header h{};
+  fw::dtype_size(dtype);  // validates the code
+  fw::Header h{};
   h.dtype = dtype;
   h.codec = codec;
   h.ndim = static_cast<uint8_t>(shape.size());
@@ -38,13 +41,13 @@ py::bytes header_bytes(uint8_t dtype, uint8_t codec, const std::vector<int64_t>&
   for (size_t d = 0; d < shape.size(); ++d) h.shape[d] = shape[d];
   h.payload_bytes = payload_bytes;
   h.payload_crc = payload_crc;
-  char out[fs::kHeaderBytes];
-  fs::write_header(h, reinterpret_cast<uint8_t*>(out));
-  return py::bytes(out, fs::kHeaderBytes);
+  char out[fw::kHeaderBytes];
+  fw::write_header(h, reinterpret_cast<uint8_t*>(out));
+  return py::bytes(out, fw::kHeaderBytes);
 }
 
 py::dict parse_header(uintptr_t p, const std::string& who) {
-  fs::Header h = fs::read_header(ptr<const uint8_t>(p), who);
+  fw::Header h = fw::read_header(ptr<const uint8_t>(p), who);
   py::dict d;
   d["dtype"] = h.dtype;
   d["codec"] = h.codec;
@@ -62,18 +65,17 @@ py::dict parse_header(uintptr_t p, const std::string& who) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastdume C++ extension (CPU): activation streaming codec, header, buffer pool";
+  m.doc() = "fastdume C++ extension (CPU): int8 codec, wire header, CRC32C, buffer pool";
   m.def("version", [] { return std::string(FASTDUME_VERSION); });
   m.def("openmp_threads", &fastdume::openmp_threads,
         "Threads OpenMP would use for a parallel region (1 without OpenMP).");
 
-  m.attr("HEADER_BYTES") = fs::kHeaderBytes;
-  m.attr("NAN_CODE") = static_cast<int>(fs::kNaNCode);
+  fastdume::add_format_constants(m);
   m.def(
       "quantize_int8",
       [](uintptr_t src, uint8_t dtype, int64_t n, int64_t block, uintptr_t codes,
          uintptr_t scales, int threads) {
-        fs::quantize_int8(ptr<const void>(src), dtype, n, block, ptr<int8_t>(codes),
+        fq::quantize_int8(ptr<const void>(src), dtype, n, block, ptr<int8_t>(codes),
                           ptr<float>(scales), threads);
       },
       py::arg("src"), py::arg("dtype"), py::arg("n"), py::arg("block"), py::arg("codes"),
@@ -83,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
       "dequantize_int8",
       [](uintptr_t codes, uintptr_t scales, int64_t n, int64_t block, uintptr_t dst,
          uint8_t dtype, int threads) {
-        fs::dequantize_int8(ptr<const int8_t>(codes), ptr<const float>(scales), n, block,
+        fq::dequantize_int8(ptr<const int8_t>(codes), ptr<const float>(scales), n, block,
                             ptr<void>(dst), dtype, threads);
       },
       py::arg("codes"), py::arg("scales"), py::arg("n"), py::arg("block"), py::arg("dst"),
@@ -92,11 +94,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "crc32c",
       [](uintptr_t p, size_t nbytes, uint32_t crc) {
-        return fs::crc32c(ptr<const void>(p), nbytes, crc);
+        return fw::crc32c(ptr<const void>(p), nbytes, crc);
       },
       py::arg("ptr"), py::arg("nbytes"), py::arg("crc") = 0,
       py::call_guard<py::gil_scoped_release>(), "CRC32C (Castagnoli) of nbytes at ptr.");
-  m.def("payload_bytes", &fs::payload_bytes, py::arg("codec"), py::arg("dtype"), py::arg("n"),
+  m.def("payload_bytes", &fw::payload_bytes, py::arg("codec"), py::arg("dtype"), py::arg("n"),
         py::arg("block"));
   m.def("header_bytes", &header_bytes, py::arg("dtype"), py::arg("codec"), py::arg("shape"),
         py::arg("block"), py::arg("stage"), py::arg("micro_batch"), py::arg("step"),
@@ -105,22 +107,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("parse_header", &parse_header, py::arg("ptr"), py::arg("who"),
         "Parse and check a header at ptr; ValueError naming `who` when it is corrupt.");
 
-  py::class_<fs::BufferPool>(m, "BufferPool",
+  py::class_<fw::BufferPool>(m, "BufferPool",
                              "Reusable 64-byte aligned host buffers (allocated once per size).")
       .def(py::init<size_t>(), py::arg("max_buffers") = 8)
       .def(
           "acquire",
           [](py::object self, size_t nbytes) {
-            auto& pool = self.cast<fs::BufferPool&>();
+            auto& pool = self.cast<fw::BufferPool&>();
             auto [id, p] = pool.acquire(nbytes);
             // The array views pool memory and keeps the pool alive; valid until release(id).
             py::array_t<uint8_t> arr({static_cast<py::ssize_t>(nbytes)}, {1}, p, self);
             return py::make_tuple(id, arr);
           },
           py::arg("nbytes"), "(id, uint8 numpy array of nbytes) valid until release(id)")
-      .def("release", &fs::BufferPool::release, py::arg("id"))
-      .def("capacity_bytes", &fs::BufferPool::capacity_bytes, py::arg("id"))
-      .def_property_readonly("allocations", &fs::BufferPool::allocations)
-      .def_property_readonly("reuses", &fs::BufferPool::reuses)
-      .def("__len__", &fs::BufferPool::size);
+      .def("release", &fw::BufferPool::release, py::arg("id"))
+      .def("capacity_bytes", &fw::BufferPool::capacity_bytes, py::arg("id"))
+      .def_property_readonly("allocations", &fw::BufferPool::allocations)
+      .def_property_readonly("reuses", &fw::BufferPool::reuses)
+      .def("__len__", &fw::BufferPool::size);
 }

@@ -146,7 +146,7 @@ def test_broken_files_raise_and_failed_save_keeps_old_file(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="not a fastdume router statistics file"):
         RouterStats.load(foreign)
     newer = tmp_path / "n.safetensors"
-    import fastdume.router as router
+    import fastdume.router.stats as router
 
     monkeypatch.setattr(router, "FORMAT_VERSION", 99)
     stats.save(newer)
@@ -159,7 +159,7 @@ def test_broken_files_raise_and_failed_save_keeps_old_file(tmp_path, monkeypatch
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(router, "save_file", explode)
+    monkeypatch.setattr("safetensors.torch.save_file", explode)
     with pytest.raises(OSError, match="disk full"):
         RouterStats(1, 4, ["b"]).save(path)
     assert path.read_bytes() == data

@@ -11,6 +11,7 @@ import torch
 
 from fastdume import _atomic
 from fastdume.defense import analysis, calibrate, sim
+from fastdume.defense import ustats_calibration as ucal
 from fastdume.defense.recompute import llama_stage_forward, verify_recompute
 from fastdume.defense.replica import replica_divergence
 from fastdume.pipeline.partition import split_layers
@@ -282,8 +283,8 @@ def run_defense_report(
         }
         sources = {d: f"Gumbel fit, {seeds} clean runs of this report" for d in STATISTICAL}
         for d, rec in (
-            ("update_stats", ustats_calibration.shipped(cfg, fpr)),
-            ("traffic", ustats_calibration.shipped_traffic(cfg, fpr)),
+            ("update_stats", ucal.shipped(cfg, fpr)),
+            ("traffic", ucal.shipped_traffic(cfg, fpr)),
         ):
             if use_shipped and sim_driver and rec is not None:
                 thresholds[d] = rec["threshold"]

@@ -26,7 +26,8 @@ def add_parser(subparsers):
         "to a DUME model as a new domain: its MLPs become a new expert in every layer, the new "
         "domain's router statistics are collected from --corpus/--text, the other domains' "
         "statistics are reused from --stats, and the routers are re-solved. Exact when the "
-        "model was built with --shared base:DIR; with mean-merged shared weights the old "
+        "model was built with --shared base:DIR or --routed model; with mean-merged shared "
+        "weights the old "
         "statistics become approximate (a warning says so) unless --recollect is given.",
         epilog="example: fastdume add-expert dume/ experts/legal --domain legal "
         "--stats stats/*.safetensors --corpus --out dume-plus-legal/",

@@ -61,7 +61,7 @@ def run(args):
         "solve": solve_kwargs(args),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    print(f"fitted {len(model.dume_layers())} routers -> {args.out}")
+    print(f"fitted {len(model.dume_routers())} routers -> {args.out}")
     for d in summary["domains"]:
         print(f"  {d:<16} {summary['tokens'][d]:>12,} tokens")
     s = summary["solve"]

@@ -25,7 +25,8 @@ def add_parser(subparsers):
         help="remove a domain's expert from a DUME model (no data needed)",
         description="Remove one domain from a DUME model: its expert is dropped from every "
         "layer and the routers are re-solved from the remaining domains' statistics (--stats). "
-        "Exact when the model was built with --shared base:DIR. With mean-merged shared "
+        "Exact when the model was built with --shared base:DIR or --routed model. With "
+        "mean-merged shared "
         "weights, pass the removed dense model as --expert to take it out of the mean (the "
         "statistics then become approximate, a warning says so, unless --recollect --corpus "
         "re-collects them); without --expert the shared weights keep its share (warned).",

@@ -111,6 +111,7 @@ def _run(args):
         "tokens": {d: stats.tokens(d) for d in stats.domains},
         "num_layers": stats.num_layers,
         "hidden_size": stats.hidden_size,
+        "routing": stats.options,
         "seconds": round(seconds, 3),
     }
     if rank != 0:
@@ -118,7 +119,8 @@ def _run(args):
     print(f"router statistics of {args.domain!r} -> {out}")
     print(f"  tokens:   {added} added ({added / max(seconds, 1e-9):.0f} tokens/s)")
     print(f"  file:     {', '.join(f'{d}={n}' for d, n in summary['tokens'].items())} tokens")
-    print(f"  layers:   {stats.num_layers} MoE layers, hidden size {stats.hidden_size}")
+    options = ", ".join(f"{k}={v}" for k, v in (stats.options or {}).items())
+    print(f"  routers:  {stats.num_layers}, hidden size {stats.hidden_size} ({options})")
     print("  next:     fastdume fit MODEL STATS... --out FITTED_DIR")
     if args.json:
         write_json(args.json, summary)

@@ -22,8 +22,9 @@ def add_parser(subparsers):
         help="merge dense domain experts into one DUME mixture-of-experts model",
         description="Merge dense experts fine-tuned from one base (Llama, Mistral, Qwen2 or Qwen3; "
         "HF directories with safetensors weights) into one DUME model: every layer's MLP becomes "
-        "one expert, all other weights are averaged (or taken from --shared base:DIR). The "
-        "routers start at zero; fit them with `fastdume stats` and `fastdume fit`.",
+        "one expert, all other weights are averaged (or taken from --shared base:DIR); with "
+        "--routed model every tensor stays per expert. The routers start at zero; fit them with "
+        "`fastdume stats` and `fastdume fit`.",
         epilog="example: fastdume upcycle experts/math experts/code experts/law --out dume/",
     )
     parser.add_argument("experts", nargs="+", help="dense expert model directories, one per domain")
@@ -39,6 +40,24 @@ def add_parser(subparsers):
         default="mean",
         help="'mean' (average the experts' non-MLP weights, the paper) or 'base:DIR' (take them "
         "from the common base model, so statistics stay exact when experts are added later)",
+    )
+    parser.add_argument(
+        "--routed",
+        choices=("mlp", "model"),
+        default="mlp",
+        help="'mlp' (the paper: MLPs are experts, the rest shared) or 'model' (every tensor kept "
+        "per expert; each token runs its expert's whole network; needs --top-k 1)",
+    )
+    parser.add_argument(
+        "--features",
+        help="router features: 'token', 'context' (causal running mean over the sequence) or "
+        "'context:H' (decayed, half-life H tokens); default: the measured best for --routed",
+    )
+    parser.add_argument(
+        "--depth",
+        help="'layer' (a router per layer), 'cumulative' (logits summed over the layers so far) "
+        "or 'single' (one router at the embeddings decides every layer); default: the measured "
+        "best for --routed",
     )
     parser.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: the experts')")
     parser.add_argument("--top-k", type=int, default=1, help="experts per token (default 1)")
@@ -61,9 +80,12 @@ def _copy_tokenizer(experts, directory):
 def _summary(model, out, tokenizer_from, seconds):
     config = model.config
     dense = model.model.config
-    expert_params = sum(
-        m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in model.dume_layers()
-    )
+    from fastdume.models.modeling import DumeExperts
+    from fastdume.models.routed import routed_modules
+
+    per_expert = [m for m in model.modules() if isinstance(m, DumeExperts)]
+    per_expert += routed_modules(model)
+    expert_params = sum(p.numel() for m in per_expert for p in m.parameters(recurse=False))
     total = sum(p.numel() for p in model.parameters())
     active = total - expert_params + expert_params * config.top_k // config.num_experts
     return {
@@ -77,6 +99,9 @@ def _summary(model, out, tokenizer_from, seconds):
         "top_k": config.top_k,
         "router_temperature": config.router_temperature,
         "shared": config.shared,
+        "routed": config.routed,
+        "router_features": config.router_features,
+        "router_depth": config.router_depth,
         "dtype": str(model.dtype).removeprefix("torch."),
         "parameters": total,
         "active_parameters_per_token": active,
@@ -86,7 +111,9 @@ def _summary(model, out, tokenizer_from, seconds):
 
 
 def _print_summary(s):
-    shared = "mean of the experts" if s["shared"] == "mean" else s["shared"].removeprefix("base:")
+    shared = {"mean": "mean of the experts", "none": "nothing (every tensor per expert)"}.get(
+        s["shared"], s["shared"].removeprefix("base:")
+    )
     print(f"upcycled {s['num_experts']} {s['family']} experts -> {s['out']}")
     print(f"  domains:     {', '.join(s['domains'])}")
     print(
@@ -94,6 +121,10 @@ def _print_summary(s):
         f"expert intermediate {s['intermediate_size']}, {s['dtype']}"
     )
     print(f"  shared:      {shared}")
+    print(
+        f"  routing:     routed={s['routed']}, features={s['router_features']}, "
+        f"depth={s['router_depth']}"
+    )
     print(
         f"  parameters:  {s['parameters'] / 1e6:.2f}M total, "
         f"{s['active_parameters_per_token'] / 1e6:.2f}M active per token (top-{s['top_k']})"
@@ -119,6 +150,9 @@ def run(args):
             domains=domains,
             shared=args.shared,
             dtype=dtype,
+            routed=args.routed,
+            features=args.features,
+            depth=args.depth,
             top_k=args.top_k,
             temperature=args.temperature,
         )

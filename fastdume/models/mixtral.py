@@ -41,6 +41,18 @@ _SHARED_FIELDS = (
 def mixtral_config(config):
     """The MixtralConfig equivalent to a DumeConfig, or ValueError saying why there is none."""
     base = config.base_config
+    if config.routed != "mlp":
+        raise ValueError(
+            f"export_mixtral: the model has routed={config.routed!r}; Mixtral shares attention, "
+            "norms, embeddings and LM head between its experts and routes only the MLPs, so a "
+            "model with every tensor per expert has no Mixtral equivalent"
+        )
+    if (config.router_features, config.router_depth) != ("token", "layer"):
+        raise ValueError(
+            f"export_mixtral: the model routes with router_features={config.router_features!r}, "
+            f"router_depth={config.router_depth!r}; a Mixtral router is a per-layer linear map "
+            "of the token's MoE input ('token', 'layer') and cannot express it"
+        )
     if config.dense_family not in ("llama", "mistral"):
         raise ValueError(
             f"export_mixtral needs a Llama or Mistral base (Mixtral's attention), "

@@ -4,6 +4,11 @@ The dense family's own decoder (`XxxModel`) is built from the stored dense confi
 layer's MLP is swapped for a `DumeMoE`, so attention, norms, rotary embeddings, masks and the KV
 cache are exactly the family's, and the state dict keeps the dense key names
 (`model.layers.N.self_attn...`) next to `model.layers.N.mlp.router.*` / `.mlp.experts.*`.
+
+routed="model" (fastdume.models.routed) instead swaps every Linear, Embedding and RMSNorm of the
+family's decoder for a per-expert version ([E, ...] under the dense key names), adds the routers
+(`routers.N.*`) and their fixed token table (`router_embed.weight`). Options other than the
+paper's route through a RoutingState (fastdume.models.routing) shared by the model's modules.
 """
 
 import contextlib
@@ -28,6 +33,13 @@ from fastdume.ops.moe import fused_moe, moe_experts
 
 # transformers 5.2x renamed past_key_values to cache; the floor, 5.17, knows only the old name.
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# transformers 5.2x renamed gradient checkpointing to activation checkpointing
+_CHECKPOINTING = (
+    "is_activation_checkpointing"
+    if hasattr(PreTrainedModel, "is_activation_checkpointing")
+    else "is_gradient_checkpointing"
+)
 
 # model_type -> (config class, decoder class, causal LM class) in transformers
 FAMILIES = {
@@ -406,6 +418,12 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         """Set up the RoutingState for this forward (mask, running-mean state from the cache)
         and make the decisions taken before the decoder runs. -> the cache to use."""
         config, state = self.config, self.dume_state
+        if self.training and getattr(self, _CHECKPOINTING):
+            raise ValueError(
+                "gradient checkpointing re-runs layers after the forward, when the routing state "
+                f"(routed={config.routed!r}, router_features={config.router_features!r}, "
+                f"router_depth={config.router_depth!r}) is gone; disable it for these options"
+            )
         if input_ids is None and (config.routed == "model" or inputs_embeds is None):
             raise ValueError(
                 f"input_ids are required by routed={config.routed!r} (got inputs_embeds only)"

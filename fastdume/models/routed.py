@@ -1,35 +1,16 @@
 """routed="model": every tensor of the dense model kept once per expert ([E, ...]) and chosen per
-token. The family's own decoder runs unchanged; its Linear, Embedding and RMSNorm modules are
-swapped for the routed ones below, which read the current decision (`RoutingState.ids`,
-[B, S]) from the state they share. With every token on expert e they compute exactly dense
-expert e's operations (the same torch calls on the same rows), so forced routing reproduces
-the dense model.
+token, through fastdume.ops.grouped_linear (grouped linear, per-token row and vector gathers).
+The family's own decoder runs unchanged; its Linear, Embedding and RMSNorm modules are swapped
+for the routed ones below, which read the current decision (`RoutingState.ids`, [B, S]) from
+the state they share. With every token on expert e they compute exactly dense expert e's
+operations (one plain linear, exact row copies), so forced routing reproduces the dense model
+bit for bit.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def grouped_linear(x, weight, expert_ids, bias=None, backend=None):
-    """y[t] = W[e_t] x[t] (+ b[e_t]): x [T, K], weight [E, N, K], expert_ids [T] int64,
-    bias [E, N] or None -> [T, N]. Torch path: each expert's rows in one F.linear.
-
-    The one call site of the grouped linear op (fastdume.ops.grouped_linear replaces it)."""
-    del backend
-    counts = torch.bincount(expert_ids, minlength=weight.shape[0]).tolist()
-    if max(counts) == x.shape[0]:  # one expert for every row: no gather, no scatter
-        e = counts.index(x.shape[0])
-        return F.linear(x, weight[e], None if bias is None else bias[e])
-    order = torch.argsort(expert_ids, stable=True)
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            rows = order[start : start + count]
-            out[rows] = F.linear(x[rows], weight[e], None if bias is None else bias[e])
-            start += count
-    return out
+from fastdume.ops.grouped_linear import gather_rows, gather_vectors, grouped_linear
 
 
 class _Routed(nn.Module):
@@ -56,7 +37,9 @@ class RoutedLinear(_Routed):
 
     def forward(self, x, ids=None):
         rows = x.reshape(-1, self.in_features)
-        y = grouped_linear(rows, self.weight, self._ids(ids, rows.shape[0]), self.bias)
+        experts = self._ids(ids, rows.shape[0])
+        # ids come from the router: no host-side range check
+        y = grouped_linear(rows, self.weight, experts, self.bias, check_ids=False)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -67,8 +50,9 @@ class RoutedEmbedding(_Routed):
         self.weight = nn.Parameter(torch.empty(num_experts, num_embeddings, embedding_dim))
 
     def forward(self, input_ids):
-        ids = self._ids(None, input_ids.numel())
-        return self.weight[ids, input_ids.reshape(-1)].reshape(*input_ids.shape, -1)
+        experts = self._ids(None, input_ids.numel())
+        rows = gather_rows(self.weight, experts, input_ids.reshape(-1), check_ids=False)
+        return rows.reshape(*input_ids.shape, -1)
 
 
 class RoutedRMSNorm(_Routed):
@@ -90,8 +74,8 @@ class RoutedRMSNorm(_Routed):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         # ids [B, S]; x [B, S, H] or [B, S, heads, head_dim] (Qwen3's q/k norms)
         lead = hidden_states.shape[:2]
-        ids = self._ids(None, lead.numel()).reshape(lead)
-        weight = self.weight[ids].reshape(*lead, *[1] * (h.dim() - 3), h.shape[-1])
+        weight = gather_vectors(self.weight, self._ids(None, lead.numel()), check_ids=False)
+        weight = weight.reshape(*lead, *[1] * (h.dim() - 3), h.shape[-1])
         return weight * h.to(dtype)
 
 

@@ -160,7 +160,9 @@ class RoutingState:
 
     Not a module (it holds no weights); `routers` are the model's router modules in router
     order. force: None or an expert index every decision goes to. recorder: None or
-    callable(index, features [B, S, H] fp32, mask [B, S] bool) seeing every router's features.
+    callable(index, features [B, S, H] fp32, mask [B, S] bool) seeing every router's features;
+    on_decision: None or callable(index, top-1 experts [B, S]) seeing every decision (for
+    routed="mlp" with depth "single" the one decision serves every layer).
     """
 
     def __init__(self, config, routers):
@@ -172,6 +174,7 @@ class RoutingState:
         self.temperature = float(config.router_temperature)
         self.force = None
         self.recorder = None
+        self.on_decision = None
         self.end()
 
     def begin(self, mask, context=None):
@@ -211,4 +214,6 @@ class RoutingState:
             weights = torch.ones(ids.shape, dtype=torch.float32, device=f.device)
         self.decision = (weights, ids)
         self.ids = ids[:, 0].reshape(x.shape[:-1])
+        if self.on_decision is not None:
+            self.on_decision(index, self.ids)
         return self.decision

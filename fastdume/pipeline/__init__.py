@@ -1,5 +1,5 @@
 """Decentralised pipeline-parallel post-training: stages in separate processes over
-torch.distributed, activations and gradients streamed through fastdume.ops.stream.
+torch.distributed, activations and gradients streamed as checked messages of fastdume.ops.wire.
 
     from fastdume.pipeline import PipelineConfig, train
     summary = train(PipelineConfig(model="base/", data="sft.jsonl", out="run/", stages=4,

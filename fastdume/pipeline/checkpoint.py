@@ -26,18 +26,15 @@ def save_stage(root, step, stage, params, optimizer):
     d = step_dir(root, step)
     d.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step), "stage": str(stage)}
-    save_safetensors(
-        {n: p.detach().cpu().contiguous() for n, p in params.items()},
-        d / f"stage_{stage}.safetensors",
-        meta,
-    )
+    tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+    save_safetensors(d / f"stage_{stage}.safetensors", tensors, meta)
     state = {}
     by_param = {id(p): n for n, p in params.items()}
     for p, st in optimizer.state.items():
         name = by_param[id(p)]
         for key, value in st.items():
             state[f"{name}.{key}"] = torch.as_tensor(value).detach().cpu().clone().contiguous()
-    save_safetensors(state, d / f"stage_{stage}.optim.safetensors", meta)
+    save_safetensors(d / f"stage_{stage}.optim.safetensors", state, meta)
 
 
 def latest_complete(root, num_stages):

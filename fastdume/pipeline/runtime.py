@@ -114,8 +114,14 @@ class Stage:
             cfg.steps,
             cfg.min_lr_ratio,
         )
+        # on a GPU the channel stages transfers through pinned memory and copy streams
         self.channel = Channel(
-            self.stage, lambda s: s * R + self.replica, cfg.compress, cfg.block, cfg.timeout
+            self.stage,
+            lambda s: s * R + self.replica,
+            cfg.compress,
+            cfg.block,
+            cfg.timeout,
+            device=self.device,
         )
         self.ctx = StageContext(
             self.stage, S, self.replica, R, self.module.layer_range, self.params, {}, self.opt
