@@ -40,7 +40,8 @@ def test_demo_table_matches_python_api(demo, test_zoo, capsys):
     zoo = test_zoo
     assert demo["domains"] == zoo.domains
     rows = demo["perplexity"]
-    assert set(rows) == {*(f"dense expert: {d}" for d in zoo.domains), "uniform averaging", "DUME"}
+    assert set(rows) == {*(f"dense expert: {d}" for d in zoo.domains), "uniform averaging", "DUME",
+                         "DUME whole model"}  # fmt: skip
     d0 = zoo.domains[0]
     dense = transformers.AutoModelForCausalLM.from_pretrained(zoo.experts[d0])
     assert math.isclose(rows[f"dense expert: {d0}"][d0], _ppl(dense, zoo, d0), rel_tol=1e-5)
@@ -67,6 +68,50 @@ def test_demo_table_matches_python_api(demo, test_zoo, capsys):
     for d in zoo.domains:
         assert math.isclose(rows["DUME"][d], _ppl(model, zoo, d), rel_tol=1e-4)
     assert demo["stats_tokens"] == {d: 3000 for d in zoo.domains}
+
+
+def _whole_model(zoo):
+    """The whole-model DUME (routed="model", default options) built with the Python API."""
+    model = fastdume.upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains,
+                             routed="model")  # fmt: skip
+    stats = None
+    for d in zoo.domains:
+        stats = fastdume.collect_stats(
+            model, d, _batches(zoo, d, "train", None), max_tokens=3000, stats=stats, progress=False
+        )
+    fastdume.fit_router(model, stats)
+    return model
+
+
+def test_demo_whole_model_row_and_retention_match_python_api(demo, test_zoo):
+    from fastdume.models.routing import check_options
+
+    zoo = test_zoo
+    whole = _whole_model(zoo)
+    routed, features, depth = check_options("model")
+    assert demo["whole_model"] == {"routed": routed, "features": features, "depth": depth}
+    own = {}
+    for d in zoo.domains:
+        dense = transformers.AutoModelForCausalLM.from_pretrained(zoo.experts[d])
+        own[d] = _ppl(dense, zoo, d)
+    ret = demo["retention"]
+    assert set(ret) == set(demo["perplexity"])
+    for d in zoo.domains:
+        ppl = _ppl(whole, zoo, d)
+        assert math.isclose(demo["perplexity"]["DUME whole model"][d], ppl, rel_tol=1e-4)
+        assert math.isclose(ret["DUME whole model"]["per_domain"][d], own[d] / ppl, rel_tol=1e-4)
+        assert math.isclose(ret[f"dense expert: {d}"]["per_domain"][d], 1.0, rel_tol=1e-12)
+    per = ret["DUME whole model"]["per_domain"]
+    assert math.isclose(ret["DUME whole model"]["mean"], sum(per.values()) / len(per))
+    # The printed retention table shows the same numbers (one decimal, in percent).
+    line = [x for x in demo["stdout"].splitlines() if x.startswith("DUME whole model ")][1]
+    shown = [float(v.rstrip("%")) for v in line.split()[3:]]
+    want = [per[d] * 100 for d in zoo.domains] + [ret["DUME whole model"]["mean"] * 100]
+    assert shown == pytest.approx(want, abs=0.051)
+    # Whole-model routing accuracy: one router (depth "single") or one per layer.
+    acc = demo["routing_accuracy_whole_model"]
+    assert set(acc) == set(zoo.domains)
+    assert all(len(v) == whole.config.num_routers for v in acc.values())
 
 
 def test_demo_routing_accuracy_is_per_layer_and_above_chance(demo, test_zoo):

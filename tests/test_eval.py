@@ -13,7 +13,8 @@ import fastdume
 from fastdume.cli import main
 
 ARGS = ["--quick", "--eval-batches", "1", "--stats-tokens", "1000", "--router-steps", "4",
-        "--full-steps", "1", "--no-progress", "--seed", "3"]  # fmt: skip
+        "--full-steps", "1", "--no-progress", "--seed", "3", "--mixed-rows", "2",
+        "--model-rows", "default,context:16/layer"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,19 @@ def _ppl(model, zoo, domain):
     return eval_perplexity(model, _test_batches(zoo, domain))
 
 
+def _default_whole_model():
+    from fastdume.models.routing import check_options
+
+    _, features, depth = check_options("model")
+    return f"DUME whole model [{features}, {depth}, default]"
+
+
 def test_methods_and_retention(ev, test_zoo):
     domains = test_zoo.domains
     expected = {"uniform averaging", "task arithmetic", "MoE oracle routing",
                 "MoE random routing", "DUME k=1", "DUME k=2", "DUME+", "DUME+ k=2", "BTX-style",
-                "DUME full FT"}  # fmt: skip
+                "DUME full FT", "whole-model oracle routing", _default_whole_model(),
+                "DUME whole model [context:16, layer]"}  # fmt: skip
     assert set(ev["methods"]) == expected
     for name, m in ev["methods"].items():
         for d in domains:
@@ -88,6 +97,59 @@ def test_dense_and_dume_match_python_api(ev, test_zoo):
     assert math.isclose(ev["methods"]["MoE oracle routing"]["ppl"][d1], oracle, rel_tol=1e-4)
 
 
+def _whole_model(zoo, **options):
+    from fastdume.data import batches, load_tokenizer
+
+    model = fastdume.upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains,
+                             routed="model", **options)  # fmt: skip
+    stats = None
+    for d in zoo.domains:
+        train = batches(load_tokenizer(), d, "train", zoo.config["seq_len"], 8, seed=3)
+        stats = fastdume.collect_stats(model, d, train, max_tokens=1000, stats=stats,
+                                       progress=False)  # fmt: skip
+    fastdume.fit_router(model, stats)
+    return model
+
+
+def test_whole_model_rows_match_python_api(ev, test_zoo):
+    zoo = test_zoo
+    # Oracle routing of the whole model is each dense expert itself.
+    oracle = ev["methods"]["whole-model oracle routing"]["ppl"]
+    for d in zoo.domains:
+        assert math.isclose(oracle[d], ev["cross"][d][d], rel_tol=1e-4)
+    rows = {_default_whole_model(): {}, "DUME whole model [context:16, layer]":
+            {"features": "context:16", "depth": "layer"}}  # fmt: skip
+    for name, options in rows.items():
+        model = _whole_model(zoo, **options)
+        m = ev["methods"][name]
+        assert (m["routed"], m["features"], m["depth"]) == (
+            "model", model.config.router_features, model.config.router_depth)  # fmt: skip
+        for d in zoo.domains[1:3]:
+            assert math.isclose(m["ppl"][d], _ppl(model, zoo, d), rel_tol=1e-4), (name, d)
+        acc = m["routing"]
+        assert all(len(acc[d]) == model.config.num_routers for d in zoo.domains)
+
+
+def test_mixed_rows_are_scored_against_the_dense_experts(ev, test_zoo):
+    ref = ev["mixed_reference"]
+    assert set(ref) == set(test_zoo.domains)
+    names = {n for n, m in ev["methods"].items() if "mixed" in m}
+    assert names == {"uniform averaging", "task arithmetic", "DUME k=1", _default_whole_model(),
+                     "DUME whole model [context:16, layer]"}  # fmt: skip
+    for name in names:
+        mixed = ev["methods"][name]["mixed"]
+        assert len(mixed["pairs"]) == len(ref) * (len(ref) - 1)
+        for pair, entry in mixed["pairs"].items():
+            a, b = pair.split(">")
+            ret = mixed["per_pair"][pair]
+            assert ret["first"] == ref[a]["pairs"][pair]["ppl"]["first"] / entry["ppl"]["first"]
+            assert ret["second"] == ref[b]["pairs"][pair]["ppl"]["second"] / entry["ppl"]["second"]
+        routed = name.startswith("DUME")
+        assert (mixed["curve"] is not None) == routed
+        assert (mixed["second"]["routing"] is not None) == routed
+    assert "### Mixed-domain rows" in ev["stdout"]
+
+
 def test_routing_accuracy_dume_beats_random(ev, test_zoo):
     def mean(name):
         acc = ev["methods"][name]["routing"]
@@ -108,6 +170,13 @@ def test_task_arithmetic_alpha_is_the_validation_argmin(ev):
 def test_bad_flag_value_exits_2(capsys):
     assert main(["eval", "--preset", "test", "--quick", "--router-steps", "0"]) == 2
     assert "router_steps must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_bad_model_row_exits_2_before_any_work(capsys):
+    assert main(["eval", "--preset", "test", "--quick", "--model-rows", "context/deep"]) == 2
+    assert "depth must be one of" in capsys.readouterr().err
+    assert main(["eval", "--preset", "test", "--quick", "--mixed-rows", "-1"]) == 2
+    assert "mixed_rows must be an int >= 0, got -1" in capsys.readouterr().err
 
 
 def test_plot_without_matplotlib(monkeypatch, tmp_path, ev):

@@ -79,7 +79,8 @@ def test_routers_only_ablations_cli(test_zoo, tmp_path):
     with contextlib.redirect_stdout(out):
         code = main(["eval", "--preset", "test", "--quick", "--routers-only", "--ablations",
                      "--eval-batches", "1", "--stats-tokens", "1000", "--ablation-tokens",
-                     "500,1000", "--no-progress", "--json", str(tmp_path / "a.json")])  # fmt: skip
+                     "500,1000", "--no-progress", "--model-rows", "none", "--mixed-rows", "0",
+                     "--json", str(tmp_path / "a.json")])  # fmt: skip
     assert code == 0
     res = json.loads((tmp_path / "a.json").read_text())
     assert set(res["methods"]) == {"MoE oracle routing", "MoE random routing", "DUME k=1",
@@ -109,3 +110,31 @@ def test_ablation_tokens_beyond_the_corpus_are_labelled_and_deduplicated(test_zo
     assert len(names) == 1 and names[0].startswith("stats tokens=1,000,000 (used ")
     with pytest.raises(ValueError, match="ablation_tokens must be positive ints"):
         EvalConfig(ablation_tokens=(0,)).check()
+
+
+@pytest.mark.parametrize("features", ["token", "context"])
+def test_sequential_whole_model_router0_is_the_oracle_fit(test_zoo, features):
+    from fastdume.eval.build import build_routed
+
+    zoo, tok = test_zoo, load_tokenizer()
+
+    def batches_of(d, split):
+        return batches(tok, d, split, zoo.config["seq_len"], 4)
+
+    experts = [zoo.experts[d] for d in zoo.domains]
+    opts = dict(routed="model", features=features, depth="layer")
+    oracle = build_routed(experts, zoo.domains, batches_of, 500, PAPER, "oracle", False, **opts)
+    seq = build_routed(experts, zoo.domains, batches_of, 500, PAPER, "sequential", False, **opts)
+    r_o, r_s = oracle.dume_routers(), seq.dume_routers()
+    # Router 0 reads the fixed token table: its statistics do not depend on any routing.
+    assert torch.allclose(r_o[0].weight, r_s[0].weight, atol=1e-5)
+    assert torch.allclose(r_o[0].bias, r_s[0].bias, atol=1e-5)
+    # Router 1 sees block 1's input after block 0 ran the expert router 0 chose, not the oracle.
+    assert not torch.allclose(r_o[1].weight, r_s[1].weight, atol=1e-5)
+    # With one router ("single") the sequential fit is the oracle fit.
+    opts["depth"] = "single"
+    one = build_routed(experts, zoo.domains, batches_of, 500, PAPER, "oracle", False, **opts)
+    one_seq = build_routed(experts, zoo.domains, batches_of, 500, PAPER, "sequential", False,
+                           **opts)  # fmt: skip
+    assert torch.allclose(one.dume_routers()[0].weight, one_seq.dume_routers()[0].weight,
+                          atol=1e-5)  # fmt: skip

@@ -19,8 +19,21 @@ pytestmark = [
 
 ROWS = (
     "base", "uniform averaging", "task arithmetic", "MoE oracle routing", "MoE random routing",
-    "DUME k=1", "DUME k=2", "DUME+", "DUME+ k=2", "BTX-style", "DUME full FT",
+    "DUME k=1", "DUME k=2",
 )  # fmt: skip
+TRAINED = ("DUME+", "DUME+ k=2", "BTX-style", "DUME full FT")
+
+
+def _whole_model_rows():
+    from fastdume.eval.methods import parse_grid
+    from fastdume.models.routing import check_options
+
+    names = []
+    for features, depth in parse_grid(SmolConfig.model_rows):
+        _, f, d = check_options("model", features, depth)
+        default = ", default" if (f, d) == check_options("model")[1:] else ""
+        names.append(f"DUME whole model [{f}, {d}{default}]")
+    return tuple(dict.fromkeys(names))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,7 @@ def _ret(res, name):
 
 
 def test_every_method_and_domain_is_reported(res):
-    assert tuple(res["methods"]) == ROWS
+    assert tuple(res["methods"]) == ROWS + _whole_model_rows() + TRAINED
     domains = res["config"]["domains"]
     assert len(domains) == 4 and "prose" in domains
     for m in res["methods"].values():
@@ -60,6 +73,19 @@ def test_dume_beats_the_baselines_and_routes_by_domain(res):
     acc = {name: res["methods"][name]["routing"] for name in ("DUME k=1", "MoE random routing")}
     mean = {n: sum(map(sum, a.values())) / sum(map(len, a.values())) for n, a in acc.items()}
     assert mean["DUME k=1"] > 0.8 > mean["MoE random routing"]
+
+
+def test_whole_model_rows_route_by_domain_and_score_mixed_rows(res):
+    domains = res["config"]["domains"]
+    for name in _whole_model_rows():
+        m = res["methods"][name]
+        assert m["routed"] == "model"
+        acc = [sum(v) / len(v) for v in m["routing"].values()]
+        assert sum(acc) / len(acc) > 0.5, name  # chance is 1/4
+        mixed = m["mixed"]
+        assert len(mixed["pairs"]) == len(domains) * (len(domains) - 1)
+        for half in ("first", "second"):
+            assert 0 < mixed[half]["retention"] and 0 <= mixed[half]["routing"] <= 1
 
 
 def test_training_rows_select_on_validation_and_never_get_worse_there(res):

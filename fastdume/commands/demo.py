@@ -14,7 +14,10 @@ def add_parser(subparsers):
         "experts into one MoE (fastdume.upcycle), collect router statistics with oracle "
         "routing on each domain's training data, solve the routers in closed form, and print "
         "each model's validation perplexity per domain (every dense expert, uniform weight "
-        "averaging, DUME) plus DUME's per-layer routing accuracy. Runs offline on a CPU.",
+        "averaging, the paper's DUME, and DUME routing the whole model: every tensor of each "
+        "expert kept, routed='model' with its default router options), each model's "
+        "retention (dense expert's perplexity on its own domain / the model's), and both "
+        "DUMEs' routing accuracy. Runs offline on a CPU.",
         epilog="example: fastdume demo --json demo.json",
     )
     parser.add_argument(
@@ -49,13 +52,21 @@ def add_parser(subparsers):
     return parser
 
 
-def _build(args, zoo, batches_of):
+def _build(args, zoo, batches_of, **options):
+    """Upcycle (the paper's merge, or with `options` such as routed="model"), collect oracle
+    statistics, fit the routers -> (model, stats)."""
     from fastdume.merge.upcycle import upcycle
     from fastdume.router import collect_stats, fit_router
 
-    shared = "mean" if args.shared == "mean" else f"base:{zoo.base}"
-    print(f"upcycling {len(zoo.domains)} dense experts ({', '.join(zoo.domains)}), shared={shared}")
-    model = upcycle([zoo.experts[d] for d in zoo.domains], domains=zoo.domains, shared=shared)
+    experts = [zoo.experts[d] for d in zoo.domains]
+    names = ", ".join(zoo.domains)
+    if options:
+        print(f"upcycling {len(zoo.domains)} dense experts ({names}), " + _describe(options))
+        model = upcycle(experts, domains=zoo.domains, **options)
+    else:
+        shared = "mean" if args.shared == "mean" else f"base:{zoo.base}"
+        print(f"upcycling {len(zoo.domains)} dense experts ({names}), shared={shared}")
+        model = upcycle(experts, domains=zoo.domains, shared=shared)
     print(f"collecting router statistics ({args.stats_tokens:,} tokens per domain), fitting")
     stats = None
     for d in zoo.domains:
@@ -71,10 +82,24 @@ def _build(args, zoo, batches_of):
     return model, stats
 
 
+def _describe(options):
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 def _ppl(model, batches_of, domains):
     from fastdume.eval.metrics import evaluate
 
     return evaluate(model, batches_of, domains, split="validation")["ppl"]
+
+
+def retention(perplexity, domains):
+    """{row: {"per_domain": {d: dense d's ppl on d / row's ppl on d}, "mean": ...}}."""
+    own = {d: perplexity[f"dense expert: {d}"][d] for d in domains}
+    out = {}
+    for name, row in perplexity.items():
+        per = {d: own[d] / row[d] for d in domains}
+        out[name] = {"per_domain": per, "mean": sum(per.values()) / len(per)}
+    return out
 
 
 def _table(results, domains):
@@ -87,14 +112,23 @@ def _table(results, domains):
         cells = "".join(f"{row[d]:>{width}.2f}" for d in domains)
         lines.append(f"{name:<22}" + cells + f"{mean:>{width}.2f}")
     lines.append("")
-    lines.append("DUME routing accuracy (share of tokens sent to their domain's expert)")
-    acc = results["routing_accuracy"]
-    layers = len(next(iter(acc.values())))
-    lines.append(f"{'layer':<22}" + header)
-    for layer in range(layers):
-        row = [acc[d][layer] for d in domains]
-        cells = "".join(f"{v:>{width}.1%}" for v in row)
-        lines.append(f"{layer:<22}" + cells + f"{sum(row) / len(row):>{width}.1%}")
+    lines.append("retention: dense expert's perplexity on its own domain / the model's (higher is")
+    lines.append("better; 100% = the specialist's quality on every domain)")
+    lines.append(f"{'model':<22}" + header)
+    for name, ret in results["retention"].items():
+        cells = "".join(f"{ret['per_domain'][d]:>{width}.1%}" for d in domains)
+        lines.append(f"{name:<22}" + cells + f"{ret['mean']:>{width}.1%}")
+    for key, label in (("routing_accuracy", "DUME"), ("routing_accuracy_whole_model",
+                                                        "DUME whole model")):  # fmt: skip
+        lines.append("")
+        lines.append(f"{label} routing accuracy (share of tokens sent to their domain's expert)")
+        acc = results[key]
+        routers = len(next(iter(acc.values())))
+        lines.append(f"{'router':<22}" + header)
+        for layer in range(routers):
+            row = [acc[d][layer] for d in domains]
+            cells = "".join(f"{v:>{width}.1%}" for v in row)
+            lines.append(f"{layer:<22}" + cells + f"{sum(row) / len(row):>{width}.1%}")
     return "\n".join(lines)
 
 
@@ -121,8 +155,11 @@ def run(args):
     model, stats = _build(args, zoo, batches_of)
     times["upcycle_stats_fit"] = time.perf_counter() - t
     t = time.perf_counter()
+    whole, _ = _build(args, zoo, batches_of, routed="model")
+    times["whole_model_build"] = time.perf_counter() - t
+    t = time.perf_counter()
     results = {"perplexity": {}, "routing_accuracy": {}}
-    print("evaluating validation perplexity: dense experts, uniform averaging, DUME")
+    print("evaluating validation perplexity: dense experts, uniform averaging, both DUMEs")
     for d in zoo.domains:
         dense = load_dense(zoo.experts[d])
         results["perplexity"][f"dense expert: {d}"] = _ppl(dense, batches_of, zoo.domains)
@@ -131,12 +168,21 @@ def run(args):
     dume = evaluate(model, batches_of, zoo.domains, split="validation", routing=True)
     results["perplexity"]["DUME"] = dume["ppl"]
     results["routing_accuracy"] = dume["routing"]
+    dume = evaluate(whole, batches_of, zoo.domains, split="validation", routing=True)
+    results["perplexity"]["DUME whole model"] = dume["ppl"]
+    results["routing_accuracy_whole_model"] = dume["routing"]
+    results["retention"] = retention(results["perplexity"], zoo.domains)
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - start
     results.update(
         preset=args.preset,
         domains=list(zoo.domains),
         shared=model.config.shared,
+        whole_model={
+            "routed": whole.config.routed,
+            "features": whole.config.router_features,
+            "depth": whole.config.router_depth,
+        },  # fmt: skip
         stats_tokens={d: stats.tokens(d) for d in zoo.domains},
         seconds={k: round(v, 2) for k, v in times.items()},
     )
@@ -146,8 +192,8 @@ def run(args):
     print(
         f"statistics: {sum(results['stats_tokens'].values()):,} tokens over "
         f"{len(zoo.domains)} domains; took {times['total']:.1f} s "
-        f"(zoo {times['zoo']:.1f}, DUME build {times['upcycle_stats_fit']:.1f}, "
-        f"eval {times['eval']:.1f})"
+        f"(zoo {times['zoo']:.1f}, DUME build {times['upcycle_stats_fit']:.1f}, whole-model "
+        f"DUME build {times['whole_model_build']:.1f}, eval {times['eval']:.1f})"
     )
     if args.json:
         write_json(args.json, results)

@@ -12,7 +12,9 @@ def add_parser(subparsers):
         "per-layer routing accuracy and CPU tokens/s: the dense cross matrix, uniform weight "
         "averaging, task arithmetic (alpha tuned on validation), MoE with random and oracle "
         "routing, DUME k=1 and k=2, DUME+ (router-only training), BTX-style (the same training "
-        "from a random router) and full fine-tuning.",
+        "from a random router) and full fine-tuning; DUME routing the whole model "
+        "(routed='model') with each router features/depth option; and, on mixed-domain rows "
+        "(one domain's text, then another's), retention and routing accuracy of each half.",
         epilog="example: fastdume eval --preset demo --json eval.json --plots plots/",
     )
     parser.add_argument("--preset", choices=("demo", "test", "demo-mlp", "test-mlp"),
@@ -62,6 +64,20 @@ def add_parser(subparsers):
     abl.add_argument("--ablation-tokens", metavar="N,N,...", type=_ints,
                      help="statistics budgets (tokens per domain) of the ablation rows, from one "
                      "statistics pass (default 1000,10000,100000,1000000)")  # fmt: skip
+    abl.add_argument("--model-rows", metavar="F/D,...", type=_grid,
+                     help="routed='model' rows as features/depth pairs ('default' = its "
+                     "defaults, 'none' = no row; default: token, context, context:16 x layer, "
+                     "cumulative, single); fitted with --stats-mode like DUME")  # fmt: skip
+    abl.add_argument(
+        "--mixed-rows",
+        type=int,
+        help="mixed-domain rows per ordered domain pair (0: none; default 8)",
+    )
+    abl.add_argument(
+        "--no-training",
+        action="store_true",
+        help="skip the training rows (DUME+, DUME+ k=2, BTX-style, full FT)",
+    )
     abl.add_argument("--routers-only", action="store_true",
                      help="only the dense experts, the MoE routing rows (random, oracle, DUME "
                      "k=1/2) and the ablations: no merging baselines, no training")  # fmt: skip
@@ -81,6 +97,17 @@ def _ints(text):
     return values
 
 
+def _grid(text):
+    import argparse
+
+    from fastdume.eval.methods import parse_grid
+
+    try:
+        return tuple(parse_grid(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def config_from_args(args):
     from fastdume.eval import EvalConfig
 
@@ -89,9 +116,11 @@ def config_from_args(args):
         lam_mode=args.lam_mode, normalize=not args.no_normalize, intercept=not args.no_intercept,
         balance=args.balance, stats_mode=args.stats_mode, weighting=args.weighting,
         ablations=args.ablations, routers_only=args.routers_only, progress=not args.no_progress,
+        training=not args.no_training,
     )  # fmt: skip
     for name in ("stats_tokens", "eval_batches", "batch_size", "router_steps", "router_lr",
-                 "full_steps", "full_lr", "checkpoints", "ablation_tokens"):  # fmt: skip
+                 "full_steps", "full_lr", "checkpoints", "ablation_tokens", "model_rows",
+                 "mixed_rows"):  # fmt: skip
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     return EvalConfig.quick(**kwargs) if args.quick else EvalConfig(**kwargs)

@@ -131,6 +131,69 @@ def fit_sequential(model, batches_of, domains, max_tokens, solve_kwargs, progres
     return model
 
 
+def _router_stats(model, index, batches_of, domains, max_tokens):
+    """Statistics of router `index`'s features (any routing options), the routers before it
+    deciding as fitted; the forward stops once they are seen."""
+    state = model.dume_state
+    stats = RouterStats(1, model.dume_routers()[index].weight.shape[1], domains)
+    current = {}
+
+    def recorder(i, features, mask):
+        if i == index:
+            stats.update(0, features, current["domain"], current["mask"])
+            raise _Stop
+
+    state.recorder = recorder
+    try:
+        with torch.no_grad():
+            for d in domains:
+                seen = 0
+                for batch in batches_of(d, "train"):
+                    keep = batch["attention_mask"].bool()
+                    keep &= (keep.reshape(-1).cumsum(0) <= max_tokens - seen).reshape(keep.shape)
+                    current.update(mask=keep, domain=d)
+                    with contextlib.suppress(_Stop):
+                        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False)  # fmt: skip
+                    seen += int(keep.sum())
+                    if seen >= max_tokens:
+                        break
+    finally:
+        state.recorder = None
+    return stats
+
+
+def fit_sequential_routers(model, batches_of, domains, max_tokens, solve_kwargs, progress=True):
+    """`fit_sequential` for any routing options: router 0 first, then router 1's statistics
+    under router 0's decisions, and so on (a model with one router: the oracle fit's data)."""
+    model.eval()
+    routers = model.dume_routers()
+    for index in tqdm(range(len(routers)), desc="sequential fit", disable=not progress):
+        stats = _router_stats(model, index, batches_of, domains, max_tokens)
+        weight, bias = solve_router(stats, domains=domains, **solve_kwargs)
+        with torch.no_grad():
+            routers[index].weight.copy_(weight[0])
+            routers[index].bias.copy_(bias[0])
+    return model
+
+
+def build_routed(experts, domains, batches_of, stats_tokens, solve_kwargs, stats_mode="oracle",
+                 progress=True, **options):  # fmt: skip
+    """Upcycle with routing options (fastdume.upcycle's routed / features / depth / shared) and
+    fit the routers on oracle or sequential statistics -> the model."""
+    if stats_mode not in STATS_MODES:
+        raise ValueError(f"stats_mode must be one of {STATS_MODES}, got {stats_mode!r}")
+    model = upcycle(list(experts), domains=domains, progress=False, **options).eval()
+    if stats_mode == "sequential":
+        if getattr(model, "dume_state", None) is None:
+            return fit_sequential(model, batches_of, domains, stats_tokens, solve_kwargs, progress)
+        return fit_sequential_routers(model, batches_of, domains, stats_tokens, solve_kwargs,
+                                      progress)  # fmt: skip
+    fit_router(model, oracle_stats(model, batches_of, domains, stats_tokens, progress),
+               **solve_kwargs)  # fmt: skip
+    return model
+
+
 def build_dume(zoo, batches_of, stats_tokens, solve_kwargs, stats_mode="oracle", progress=True,
                token_grid=()):  # fmt: skip
     """Upcycle the zoo's experts and fit the routers -> (model, {tokens: oracle stats} or None).

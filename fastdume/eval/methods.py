@@ -15,6 +15,7 @@ from fastdume.eval import baselines
 from fastdume.eval.build import set_top_k
 from fastdume.eval.finetune import train_model
 from fastdume.eval.metrics import evaluate, mean_nll, retention
+from fastdume.eval.mixed import evaluate_mixed, mixed_retention
 from fastdume.models.modeling import forced_expert
 
 
@@ -24,6 +25,9 @@ class Bench:
 
     batches_of(domain, split) -> iterable of batches; results holds "methods" and "curves";
     dense_own (each dense expert's test ppl on its own domain) is set by `dense_cross`.
+    mixed_rows > 0 also scores the DUME rows and the merges on mixed-domain rows (that many per
+    ordered domain pair, `fastdume.eval.mixed`; needs two domains); mixed_ref is then set by
+    `dense_cross`.
     """
 
     batches_of: Callable
@@ -32,6 +36,8 @@ class Bench:
     log: Callable = print
     progress: bool = True
     dense_own: dict | None = None
+    mixed_rows: int = 0
+    mixed_ref: dict | None = None
 
     def record(self, name, res, **notes):
         entry = {**res, "retention": retention(self.dense_own, res["ppl"]), **notes}
@@ -50,18 +56,37 @@ def dense_cross(bench, models):
 
     Fills results["cross"] and sets bench.dense_own from the rows named after a domain.
     """
-    out = {}
+    out, bench.mixed_ref = {}, {}
     for name, path in models.items():
-        out[name] = evaluate(baselines.load_dense(path), bench.batches_of, bench.domains)
+        model = baselines.load_dense(path)
+        out[name] = evaluate(model, bench.batches_of, bench.domains)
         bench.results["cross"][name] = out[name]["ppl"]
+        if bench.mixed_rows and len(bench.domains) > 1 and name in bench.domains:
+            bench.mixed_ref[name] = evaluate_mixed(
+                model, bench.batches_of, bench.domains, bench.mixed_rows
+            )
     bench.dense_own = {d: bench.results["cross"][d][d] for d in bench.domains}
     return out
+
+
+def mixed(bench, name, model):
+    """Score `model` on the mixed-domain rows into row `name` (after `record`); no-op when
+    bench.mixed_rows is 0."""
+    if not bench.mixed_rows or len(bench.domains) < 2:  # no domain pairs
+        return None
+    routing = hasattr(model, "dume_layers")
+    res = evaluate_mixed(model, bench.batches_of, bench.domains, bench.mixed_rows, routing=routing)
+    entry = {**mixed_retention(bench.mixed_ref, res), "pairs": res["pairs"], "curve": res["curve"]}
+    bench.results["methods"][name]["mixed"] = entry
+    return entry
 
 
 def uniform_averaging(bench, paths):
     bench.log("uniform weight averaging")
     model = baselines.uniform_average(list(paths))
-    return bench.record("uniform averaging", evaluate(model, bench.batches_of, bench.domains))
+    entry = bench.record("uniform averaging", evaluate(model, bench.batches_of, bench.domains))
+    mixed(bench, "uniform averaging", model)
+    return entry
 
 
 def task_arithmetic(bench, base, paths, alphas):
@@ -72,11 +97,13 @@ def task_arithmetic(bench, base, paths, alphas):
     best = min(scores, key=scores.get)
     model = baselines.task_arithmetic(base, paths, best)
     res = evaluate(model, bench.batches_of, bench.domains)
-    return bench.record("task arithmetic", res, alpha=best,
-                        validation_mean_log_ppl={str(a): s for a, s in scores.items()})  # fmt: skip
+    scores = {str(a): s for a, s in scores.items()}
+    entry = bench.record("task arithmetic", res, alpha=best, validation_mean_log_ppl=scores)
+    mixed(bench, "task arithmetic", model)
+    return entry
 
 
-def moe_oracle(bench, dume):
+def moe_oracle(bench, dume, name="MoE oracle routing"):
     """Each domain's tokens forced to its own expert: the ceiling for any router."""
     ppl, tok_s = {}, []
     for e, d in enumerate(bench.domains):
@@ -85,7 +112,7 @@ def moe_oracle(bench, dume):
         ppl[d] = res["ppl"][d]
         tok_s.append(res["tokens_per_s"])
     res = {"ppl": ppl, "routing": None, "tokens_per_s": sum(tok_s) / len(tok_s)}
-    return bench.record("MoE oracle routing", res)
+    return bench.record(name, res)
 
 
 def moe_random(bench, dume, seed):
@@ -100,7 +127,62 @@ def dume_top_k(bench, dume, k):
     """DUME's routers with top-k routing, row "DUME k=<k>" -> the model (`dume` itself if k=1)."""
     model = dume if k == 1 else set_top_k(copy.deepcopy(dume), k)
     bench.record(f"DUME k={k}", evaluate(model, bench.batches_of, bench.domains, routing=True))
+    if k == 1:
+        mixed(bench, "DUME k=1", model)
     return model
+
+
+def whole_model_name(config):
+    """Row name of a routed="model" DUME: its features and depth ("default" if they are)."""
+    from fastdume.models.routing import check_options
+
+    opts = (config.router_features, config.router_depth)
+    default = ", default" if opts == check_options("model")[1:] else ""
+    return f"DUME whole model [{opts[0]}, {opts[1]}{default}]"
+
+
+def whole_model_rows(bench, build, grid, oracle=False):
+    """routed="model" rows: build(routed=, features=, depth=) -> the fitted model, for each
+    (features, depth) of `grid` (None: that option's default; repeats are skipped). oracle=True
+    first adds the "whole-model oracle routing" row (each domain forced to its expert: the
+    dense expert itself, a check). -> the row names (the models are not kept: each is E x the
+    dense model)."""
+    from fastdume.models.routing import check_options
+
+    names, seen = [], set()
+    for features, depth in grid:
+        options = check_options("model", features, depth)[1:]
+        if options in seen:
+            continue
+        seen.add(options)
+        bench.log(f"DUME whole model: features={options[0]}, depth={options[1]}")
+        model = build(routed="model", features=options[0], depth=options[1])
+        if oracle and not names:  # any routing options: forcing ignores the routers
+            moe_oracle(bench, model, "whole-model oracle routing")
+        name = whole_model_name(model.config)
+        res = evaluate(model, bench.batches_of, bench.domains, routing=True)
+        bench.record(name, res, routed="model", features=options[0], depth=options[1])
+        mixed(bench, name, model)
+        names.append(name)
+        del model
+    return names
+
+
+def parse_grid(text):
+    """Parse `--model-rows`: "features/depth,..." ("default" for both defaults, "" or "none"
+    for no row) -> [(features, depth)]; the values are checked when the model is built."""
+    if text in ("", "none"):
+        return []
+    grid = []
+    for item in text.split(","):
+        if item == "default":
+            grid.append((None, None))
+            continue
+        features, sep, depth = item.rpartition("/")
+        if not sep or not features or not depth:
+            raise ValueError(f"model rows must be 'features/depth' or 'default', got {item!r}")
+        grid.append((features, depth))
+    return grid
 
 
 @dataclasses.dataclass

@@ -14,14 +14,15 @@ def evaluate(model, batches_of, domains, split="test", routing=False):
     """-> {"ppl": {domain: ppl}, "routing": {domain: [acc per layer]} | None, "tokens_per_s"}.
 
     routing=True (DUME models only): share of each domain's tokens whose top-1 expert is the
-    domain's own, per layer. tokens_per_s counts unpadded tokens over forward time.
+    domain's own, per router (per layer, except depth="single": one). tokens_per_s counts
+    unpadded tokens over forward time.
     """
     model.eval()
     ppl, acc = {}, {} if routing else None
     tokens, seconds = 0, 0.0
     for e, d in enumerate(domains):
         total, count = 0.0, 0
-        counts = [[0, 0] for _ in model.dume_layers()] if routing else None
+        counts = [[0, 0] for _ in range(num_routers(model))] if routing else None
         with torch.no_grad(), routing_recorder(model, counts) as state:
             for batch in batches_of(d, split):
                 if state is not None:
@@ -39,34 +40,79 @@ def evaluate(model, batches_of, domains, split="test", routing=False):
     return {"ppl": ppl, "routing": acc, "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
+def num_routers(model):
+    """How many routing decisions a forward makes (one per router; the paper: one per layer)."""
+    routers = getattr(model, "dume_routers", None)
+    return len(routers()) if routers is not None else len(model.dume_layers())
+
+
+@contextlib.contextmanager
+def decision_hook(model, callback):
+    """Call callback(router index, top-1 expert ids [B, S]) for every routing decision.
+
+    Models with the paper's options route inside each DumeMoE (a pre-hook recomputes the
+    decision from the router, as `fused_moe` does); the other options decide through the
+    model's RoutingState, whose `decide` is wrapped for the duration of the block.
+    """
+    state = getattr(model, "dume_state", None)
+    if state is not None:
+        original, shadowed = state.decide, "decide" in vars(state)
+
+        def decide(index, x):
+            out = original(index, x)
+            callback(index, state.ids)
+            return out
+
+        state.decide = decide
+        try:
+            yield
+        finally:
+            if shadowed:  # an outer hook's wrapper
+                state.decide = original
+            else:
+                del state.decide  # back to the method
+        return
+
+    def make_hook(index):
+        def hook(module, args):
+            x = args[0]
+            if module.force_expert is not None:
+                ids = torch.full(x.shape[:-1], module.force_expert, dtype=torch.long)
+            else:
+                flat, r = x.reshape(-1, x.shape[-1]), module.router
+                _, top = route(flat, r.weight, r.bias, 1, module.temperature)
+                ids = top[:, 0].reshape(x.shape[:-1])
+            callback(index, ids)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(model.dume_layers())]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @contextlib.contextmanager
 def routing_recorder(model, counts):
-    """Count, per layer, tokens whose top-1 expert is the expected one (padding excluded).
+    """Count, per router, tokens whose top-1 expert is the expected one (padding excluded).
 
-    counts: [[hits, tokens] per DUME layer], updated in place; None records nothing. Set the
-    yielded state's "mask" ([B, S] bool) and "expert" before each forward.
+    counts: [[hits, tokens] per router (`num_routers`)], updated in place; None records
+    nothing. Set the yielded state's "mask" ([B, S] bool) and "expert" before each forward.
     """
     if counts is None:
         yield None
         return
     state = {"mask": None, "expert": None}
 
-    def make_hook(index):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            _, ids = route(x, module.router.weight, module.router.bias, 1, module.temperature)
-            keep = state["mask"].reshape(-1)
-            counts[index][0] += int((ids[:, 0][keep] == state["expert"]).sum())
-            counts[index][1] += int(keep.sum())
+    def record(index, ids):
+        keep = state["mask"].to(ids.device)
+        counts[index][0] += int((ids[keep] == state["expert"]).sum())
+        counts[index][1] += int(keep.sum())
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(model.dume_layers())]
-    try:
+    with decision_hook(model, record):
         yield state
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def retention(dense_own, ppl):

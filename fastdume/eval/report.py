@@ -35,6 +35,7 @@ def methods_table(results):
 
 
 def routing_table(results):
+    """Mean over domains per router (one per layer; one in all for depth="single")."""
     rows = []
     for name, m in results["methods"].items():
         if m.get("routing"):
@@ -44,7 +45,27 @@ def routing_table(results):
             rows.append([name, *(f"{v:.1%}" for v in means)])
     if not rows:
         return ""
-    return _table(["routing accuracy", *(f"layer {i}" for i in range(len(rows[0]) - 1))], rows)
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    return _table(["routing accuracy", *(f"router {i}" for i in range(width - 1))], rows)
+
+
+def mixed_table(results):
+    """Mixed-domain rows: retention and routing accuracy of each half, mean over pairs."""
+    rows = []
+    for name, m in results["methods"].items():
+        if m.get("mixed"):
+            cells = []
+            for half in ("first", "second"):
+                acc = m["mixed"][half]["routing"]
+                cells += [f"{m['mixed'][half]['retention']:.2%}",
+                          "" if acc is None else f"{acc:.1%}"]  # fmt: skip
+            rows.append([name, f"{m['retention']['mean']:.2%}", *cells])
+    if not rows:
+        return ""
+    header = ["method", "single-domain ret.", "1st half ret.", "1st half routing",
+              "2nd half ret.", "2nd half routing"]  # fmt: skip
+    return _table(header, rows)
 
 
 def ablation_table(rows):
@@ -64,6 +85,9 @@ def markdown(results):
     routing = routing_table(results)
     if routing:
         parts += ["### Routing accuracy (mean over domains)", routing, ""]
+    mixed = mixed_table(results)
+    if mixed:
+        parts += ["### Mixed-domain rows (domain a, then b; mean over ordered pairs)", mixed, ""]
     if results.get("ablations"):
         parts += ["### Ablations (DUME k=1 unless stated)", ablation_table(results["ablations"])]
     return "\n".join(parts)

@@ -7,12 +7,21 @@ import time
 import torch
 
 from fastdume.eval import methods
-from fastdume.eval.build import build_dume, fit_sequential, nested_oracle_stats, set_top_k
+from fastdume.eval.build import (
+    build_dume,
+    build_routed,
+    fit_sequential,
+    nested_oracle_stats,
+    set_top_k,
+)
 from fastdume.eval.finetune import WEIGHTINGS
-from fastdume.eval.metrics import evaluate, retention
+from fastdume.eval.metrics import evaluate, num_routers, retention
 from fastdume.router import fit_router
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+# routed="model" rows: every features x depth option (half-life 16: a quarter of a demo row).
+MODEL_ROWS = tuple((f, d) for f in ("token", "context", "context:16")
+                   for d in ("layer", "cumulative", "single"))  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -42,13 +51,19 @@ class EvalConfig:
     # Only the dense experts and the MoE routing rows (and the ablations): no merging
     # baselines, no training.
     routers_only: bool = False
+    training: bool = True  # DUME+, DUME+ k=2, BTX-style, DUME full FT
+    # routed="model" DUME rows, (features, depth) each (None: the default); () for none.
+    model_rows: tuple = MODEL_ROWS
+    # Mixed-domain rows (domain a then b) per ordered pair for the DUME rows and the merges;
+    # 0: no mixed-domain evaluation.
+    mixed_rows: int = 8
     progress: bool = True
 
     @classmethod
     def quick(cls, **overrides):
         small = dict(stats_tokens=2000, eval_batches=2, batch_size=8, router_steps=8,
                      full_steps=2, checkpoints=2, alphas=(0.25, 0.5),
-                     ablation_tokens=(1000,))  # fmt: skip
+                     ablation_tokens=(1000,), mixed_rows=2)  # fmt: skip
         return cls(**{**small, **overrides})
 
     def solve_kwargs(self):
@@ -63,11 +78,21 @@ class EvalConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if (
+            isinstance(self.mixed_rows, bool)
+            or not isinstance(self.mixed_rows, int)
+            or (self.mixed_rows < 0)
+        ):
+            raise ValueError(f"mixed_rows must be an int >= 0, got {self.mixed_rows!r}")
+        if (
             isinstance(self.checkpoints, bool)
             or not isinstance(self.checkpoints, int)
             or (self.checkpoints < 0)
         ):
             raise ValueError(f"checkpoints must be an int >= 0, got {self.checkpoints!r}")
+        from fastdume.models.routing import check_options
+
+        for features, depth in self.model_rows:  # before any model is built
+            check_options("model", features, depth)
         tokens = self.ablation_tokens
         if isinstance(tokens, (int, str)) or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in tokens
@@ -91,6 +116,15 @@ def _dume_variants(cfg, dume, bench):
     methods.dume_top_k(bench, dume, 1)
     k2 = methods.dume_top_k(bench, dume, 2)
     return rand, k2
+
+
+def _whole_model(cfg, zoo, batches_of, bench):
+    def build(**options):
+        return build_routed([zoo.experts[d] for d in zoo.domains], zoo.domains, batches_of,
+                            cfg.stats_tokens, cfg.solve_kwargs(), cfg.stats_mode, cfg.progress,
+                            **options)  # fmt: skip
+
+    methods.whole_model_rows(bench, build, cfg.model_rows, oracle=True)
 
 
 def _trained(cfg, dume, rand, k2, bench):
@@ -122,11 +156,14 @@ def run_eval(cfg):
     results = {"config": {**dataclasses.asdict(cfg), "alphas": list(cfg.alphas),
                           "ablation_tokens": list(cfg.ablation_tokens)},
                "domains": list(zoo.domains), "cross": {}, "methods": {}, "curves": {}}  # fmt: skip
-    bench = methods.Bench(batches_of, list(zoo.domains), results, _log, cfg.progress)
+    bench = methods.Bench(batches_of, list(zoo.domains), results, _log, cfg.progress,
+                          mixed_rows=cfg.mixed_rows)  # fmt: skip
     _log("dense experts on every domain (test split)")
     dense = methods.dense_cross(bench, {d: zoo.experts[d] for d in zoo.domains})
     results["dense_tokens_per_s"] = {d: res["tokens_per_s"] for d, res in dense.items()}
     dense_own = results["dense_own"] = bench.dense_own
+    if cfg.mixed_rows:  # the dense experts on the mixed-domain rows: the retention reference
+        results["mixed_reference"] = bench.mixed_ref
     if not cfg.routers_only:
         _baselines(cfg, zoo, bench)
     _log(f"DUME: upcycle, {cfg.stats_mode} statistics ({cfg.stats_tokens:,} tokens/domain), fit")
@@ -134,7 +171,9 @@ def run_eval(cfg):
     dume, stats = build_dume(zoo, batches_of, cfg.stats_tokens, cfg.solve_kwargs(),
                              cfg.stats_mode, cfg.progress, token_grid=grid)  # fmt: skip
     rand, k2 = _dume_variants(cfg, dume, bench)
-    if not cfg.routers_only:
+    if cfg.model_rows:
+        _whole_model(cfg, zoo, batches_of, bench)
+    if cfg.training and not cfg.routers_only:
         _trained(cfg, dume, rand, k2, bench)
     if cfg.ablations:
         results["ablations"] = run_ablations(cfg, zoo, dume, stats, batches_of, dense_own)
@@ -202,7 +241,7 @@ def run_ablations(cfg, zoo, dume, stats, batches_of, dense_own):
         res = evaluate(model, batches_of, zoo.domains, routing=True)
         ret = retention(dense_own, res["ppl"])
         acc = [sum(v[i] for v in res["routing"].values()) / len(res["routing"])
-               for i in range(len(model.dume_layers()))]  # fmt: skip
+               for i in range(num_routers(model))]  # fmt: skip
         rows.append({"name": name, "ppl": res["ppl"], "retention": ret, "routing_mean": acc,
                      "stats_tokens": used})  # fmt: skip
     return rows

