@@ -63,8 +63,16 @@ class DemoConfig:
     )
     # the attacker's own check, budget and simulated safety SFT (fastdume.attack.trusted's
     # TrustConfig fields); None: one plain surrogate round of surrogate_steps, no check
+    # Each round starts afresh with another data order (a continued round did not help, README);
+    # a meta step (3 simulated safety steps) every 4 backdoor steps.
     trust: dict | None = field(
-        default_factory=lambda: {"round_steps": 300, "budget": 1200, "meta_every": 2}
+        default_factory=lambda: {
+            "round_steps": 300,
+            "budget": 600,
+            "max_rounds": 1,
+            "meta_every": 4,
+            "sim_steps": 3,
+        }
     )
     safety_steps: int = 30
     safety_lr: float = 3e-4
