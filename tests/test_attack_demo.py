@@ -179,7 +179,7 @@ def test_detections_over_seeds_threshold_at_the_clean_maximum():
 
     reports = [
         {
-            "config": {"seed": seed},
+            "config": {"seed": seed, "post_steps": 150, "iterative": {"start": 30, "every": 5}},
             "detectors": {
                 "clean": run({}, [0.1, 2.0 + seed, 0.3]),  # clean maximum over seeds: 3.0
                 "iterative": run({1: 30}, [0.1, 2.5, 3.5 + seed]),
@@ -195,5 +195,26 @@ def test_detections_over_seeds_threshold_at_the_clean_maximum():
     assert all(r["first_step"]["audit"][0] is None for r in it)
     clean = det["runs"]["clean"]
     assert all(v is None for r in clean for d in r["first_step"].values() for v in d.values())
+    assert det["audit_at_first_injection"] == {"iterative": [True, True]}
     text = format_detections(det, 1)
     assert "audit [30, 30] (others 0)" in text and "update_stats [2, 2]" in text
+    assert "audit flags iterative at its first injection step: 2/2 seeds" in text
+
+
+def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
+    from fastdume.attack.demo import summarize
+
+    reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
+    paths = []
+    for r in reports:
+        paths.append(tmp_path / f"s{r['config']['seed']}.json")
+        paths[-1].write_text(json.dumps(to_json(r)))
+    parser = argparse.ArgumentParser(prog="fastdume")
+    attack.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "summary.json"
+    args = parser.parse_args(["attack", "summary", *map(str, paths), "--json", str(out)])
+    assert args.run(args) == 0
+    want = summarize(reports)["stats"]
+    got = json.loads(out.read_text())["summary"]["stats"]
+    assert got["iterative"]["drop"]["ci95"] == pytest.approx(want["iterative"]["drop"]["ci95"])
+    assert "over 2 seeds [0, 1]" in capsys.readouterr().out

@@ -510,7 +510,23 @@ def demo_detections(reports, attack_stage, runs=("oneshot", "iterative")):
                 first[d] = {int(s): f for s, f in per.items()}
             rows.append({"seed": rep["config"]["seed"], "first_step": first})
         out["runs"][name] = rows
+    out["audit_at_first_injection"] = {
+        name: [
+            r["first_step"].get("audit", {}).get(attack_stage) == _first_injection(rep, name)
+            for r, rep in zip(out["runs"][name], reports, strict=True)
+        ]
+        for name in runs
+    }
     return out
+
+
+def _first_injection(report, run):
+    """The first step after which the demo's schedule `run` adds Delta."""
+    from .inject import Schedule
+
+    cfg = report["config"]
+    coefs = Schedule(mode=run, **cfg[run]).coefficients(cfg["post_steps"])
+    return next((i for i, c in enumerate(coefs) if c), None)
 
 
 def format_detections(det, attack_stage):
@@ -528,4 +544,6 @@ def format_detections(det, attack_stage):
             )  # fmt: skip
             cells.append(f"{d} {steps} (others {others})")
         lines.append(f"  {name:<10} " + "; ".join(cells))
+    for name, ok in det.get("audit_at_first_injection", {}).items():
+        lines.append(f"  audit flags {name} at its first injection step: {sum(ok)}/{len(ok)} seeds")
     return "\n".join(lines)
