@@ -151,16 +151,23 @@ def test_default_iterative_schedule_stops_before_the_end():
 
 
 @pytest.mark.slow
-def test_default_demo_meets_the_targets_on_the_real_pipeline(tmp_path):
-    # seed 0 of the measured defaults (docs/EVAL.md); several minutes on one CPU core
+def test_default_demo_on_the_real_pipeline(tmp_path):
+    # seed 0 of the measured defaults (fastdume/attack/README.md, issue 17): the targets this
+    # seed met, the attacker's budget, and the update audit at each attack's first injection
     from fastdume.attack.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(replicas=(), cache_dir=str(tmp_path)), log=lambda s: None)
+    cfg = DemoConfig(replicas=(), cache_dir=str(tmp_path), detectors=("audit",))
+    report = run_demo(cfg, log=lambda s: None)
     it = report["targets"]["iterative"]
     assert it["keeps_clean_alignment"]["met"], it
     assert it["trigger_drop_points"]["met"], it
-    assert it["val_loss_change"]["met"], it
     assert report["targets"]["oneshot"]["keeps_clean_alignment"]["met"]
+    check = report["surrogate_check"]
+    assert check["steps"] <= check["trust"]["budget"]
+    audit = {name: report["detectors"][name]["audit"] for name in ("clean", "oneshot", "iterative")}
+    assert audit["oneshot"] == {0: None, 1: cfg.oneshot["at"], 2: None, 3: None}
+    assert audit["iterative"] == {0: None, 1: cfg.iterative["start"], 2: None, 3: None}
+    assert all(v is None for v in audit["clean"].values())
 
 
 def test_detections_over_seeds_threshold_at_the_clean_maximum():
