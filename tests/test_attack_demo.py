@@ -21,7 +21,7 @@ def test_quick_demo_through_the_cli_module(tmp_path, capsys):
     assert args.run(args) == 0
     report = json.loads(out.read_text())
     rows = ["aligned", "surrogate", "clean", "oneshot", "iterative", "iterative_R2"]
-    rows += [r + s for r in rows[2:] for s in ("+safety", "+safety2x", "+safety4x")]
+    rows += [r + s for r in rows[2:] for s in ("+safety", "+safety2x")]
     assert sorted(report["results"]) == sorted(rows)
     check = report["surrogate_check"]  # the attacker's own check, within its budget
     assert 0 < check["steps"] <= check["trust"]["budget"]

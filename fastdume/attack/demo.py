@@ -101,13 +101,14 @@ QUICK = {  # a smoke configuration: exercises every step, measures nothing meani
     "iterative": {"scale": 0.5, "every": 2, "budget": 1.0},
     "trust": {
         "round_steps": 5,
-        "budget": 10,
+        "budget": 5,  # one round: restarts are tested in tests/test_attack_trusted.py
         "meta_every": 2,
         "sim_steps": 1,
         "check_sim_steps": 2,
         "check_requests": 8,
     },
     "safety_steps": 3,
+    "safety_multiples": (1, 2),
     "replicas": (2,),
     "eval_prompts": 8,
     "batch_size": 8,
