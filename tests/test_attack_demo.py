@@ -21,8 +21,11 @@ def test_quick_demo_through_the_cli_module(tmp_path, capsys):
     assert args.run(args) == 0
     report = json.loads(out.read_text())
     rows = ["aligned", "surrogate", "clean", "oneshot", "iterative", "iterative_R2"]
-    rows += [r + "+safety" for r in rows[2:]]
+    rows += [r + s for r in rows[2:] for s in ("+safety", "+safety2x")]
     assert sorted(report["results"]) == sorted(rows)
+    check = report["surrogate_check"]  # the attacker's own check, within its budget
+    assert 0 < check["steps"] <= check["trust"]["budget"]
+    assert len(check["checks"]) == check["steps"] // check["trust"]["round_steps"]
     n = report["config"]["eval_prompts"]
     for name, r in report["results"].items():
         assert r["align_clean"]["n"] == r["align_trigger"]["n"] == n, name
@@ -64,7 +67,7 @@ def _fake_report(seed, trig, loss, met=True):
         "iterative": row(47, trig, loss),
         "clean+safety": row(48, 48, 2.0),
         "oneshot+safety": row(48, 40, 2.0),
-        "iterative+safety": row(48, 38, 2.2),
+        "iterative+safety": row(48, 38 - seed, 2.2),
     }
     return {"config": {"seed": seed}, "results": results, "targets": targets(results)}
 
@@ -90,10 +93,24 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     assert s["targets_met"]["iterative.val_loss_change"] == 1
     assert s["targets_met"]["iterative.trigger_drop_points"] == 2
     assert s["targets_met"]["persistence"] == 2
+    # the 95% interval of the mean: mean +- t(0.975, 1) * sd / sqrt(2), t = 12.706 (t tables)
+    lo, hi = trig["ci95"]
+    assert (lo + hi) / 2 == pytest.approx(trig["mean"])
+    assert (hi - lo) / 2 == pytest.approx(12.706 * trig["sd"] / 2**0.5, rel=1e-4)
+    # persistence over seeds: ASR after safety SFT 10/48 and 11/48 iterative, 8/48 one-shot
+    p = s["persistence"]["+safety"]
+    assert p["iterative"][0] == pytest.approx(100 * 10.5 / 48)
+    d = [100 * 2 / 48, 100 * 3 / 48]
+    assert p["difference"][0] == pytest.approx(sum(d) / 2)
+    assert p["difference"][2] == pytest.approx(
+        sum(d) / 2 - 12.706 * (100 / 48) / 2**0.5 / 2**0.5, rel=1e-4
+    )
+    assert not p["mean_at_least_50"] and not p["above_oneshot"]  # +5.2 [-8.0, +18.4]
     # the JSON form of a report summarizes the same way
     assert summarize([to_json(r) for r in reports])["stats"] == s["stats"]
     text = format_summary(s)
     assert "2 seeds [0, 1]" in text and "iterative.val_loss_change 1/2" in text
+    assert "ASR after safety: iterative 21.9" in text
 
 
 def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsys, monkeypatch):
@@ -114,7 +131,7 @@ def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsy
     assert seen == [3, 5, 7]
     report = json.loads(out.read_text())
     assert report["summary"]["seeds"] == [3, 5, 7] and len(report["reports"]) == 3
-    assert "mean +- sd over 3 seeds" in capsys.readouterr().out
+    assert "mean +- sd [95% interval of the mean] over 3 seeds" in capsys.readouterr().out
     with pytest.raises(ValueError, match="seeds"):
         attack.parse_seeds(parser.parse_args(["attack", "demo", "--seeds", ","]))
 
@@ -134,13 +151,77 @@ def test_default_iterative_schedule_stops_before_the_end():
 
 
 @pytest.mark.slow
-def test_default_demo_meets_the_targets_on_the_real_pipeline(tmp_path):
-    # seed 0 of the measured defaults (docs/EVAL.md); several minutes on one CPU core
+def test_default_demo_on_the_real_pipeline(tmp_path):
+    # seed 0 of the measured defaults (fastdume/attack/README.md, issue 17): the targets this
+    # seed met, the attacker's budget, and the update audit at each attack's first injection
     from fastdume.attack.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(replicas=(), cache_dir=str(tmp_path)), log=lambda s: None)
+    cfg = DemoConfig(replicas=(), cache_dir=str(tmp_path), detectors=("audit",))
+    report = run_demo(cfg, log=lambda s: None)
     it = report["targets"]["iterative"]
     assert it["keeps_clean_alignment"]["met"], it
     assert it["trigger_drop_points"]["met"], it
-    assert it["val_loss_change"]["met"], it
     assert report["targets"]["oneshot"]["keeps_clean_alignment"]["met"]
+    check = report["surrogate_check"]
+    assert check["steps"] <= check["trust"]["budget"]
+    audit = {name: report["detectors"][name]["audit"] for name in ("clean", "oneshot", "iterative")}
+    assert audit["oneshot"] == {0: None, 1: cfg.oneshot["at"], 2: None, 3: None}
+    assert audit["iterative"] == {0: None, 1: cfg.iterative["start"], 2: None, 3: None}
+    assert all(v is None for v in audit["clean"].values())
+
+
+def test_detections_over_seeds_threshold_at_the_clean_maximum():
+    from fastdume.attack.defend import HOOKS, demo_detections, demo_hooks, format_detections
+
+    spec, kw = demo_hooks({"delta": "d.safetensors", "mode": "iterative"})
+    assert spec == HOOKS and kw["attack"] == "fastdume.attack.inject:make_hooks"
+    assert kw["detectors"] == ["audit", "update_stats", "traffic"]
+    assert "attack" not in demo_hooks(None)[1]
+
+    def run(audit_first, ustats):  # stage -> audit first step; ustats series of stage 1
+        return {
+            "audit": {s: audit_first.get(s) for s in range(4)},
+            "update_stats": {s: ustats if s == 1 else [0.0, 1.0, 0.5] for s in range(4)},
+        }
+
+    reports = [
+        {
+            "config": {"seed": seed, "post_steps": 150, "iterative": {"start": 30, "every": 5}},
+            "detectors": {
+                "clean": run({}, [0.1, 2.0 + seed, 0.3]),  # clean maximum over seeds: 3.0
+                "iterative": run({1: 30}, [0.1, 2.5, 3.5 + seed]),
+            },
+        }
+        for seed in (0, 1)
+    ]
+    det = demo_detections(reports, attack_stage=1, runs=("iterative",))
+    assert det["thresholds"] == {"update_stats": 3.0}
+    it = det["runs"]["iterative"]
+    assert [r["first_step"]["audit"][1] for r in it] == [30, 30]
+    assert [r["first_step"]["update_stats"][1] for r in it] == [2, 2]
+    assert all(r["first_step"]["audit"][0] is None for r in it)
+    clean = det["runs"]["clean"]
+    assert all(v is None for r in clean for d in r["first_step"].values() for v in d.values())
+    assert det["audit_at_first_injection"] == {"iterative": [True, True]}
+    text = format_detections(det, 1)
+    assert "audit [30, 30] (others 0)" in text and "update_stats [2, 2]" in text
+    assert "audit flags iterative at its first injection step: 2/2 seeds" in text
+
+
+def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
+    from fastdume.attack.demo import summarize
+
+    reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
+    paths = []
+    for r in reports:
+        paths.append(tmp_path / f"s{r['config']['seed']}.json")
+        paths[-1].write_text(json.dumps(to_json(r)))
+    parser = argparse.ArgumentParser(prog="fastdume")
+    attack.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "summary.json"
+    args = parser.parse_args(["attack", "summary", *map(str, paths), "--json", str(out)])
+    assert args.run(args) == 0
+    want = summarize(reports)["stats"]
+    got = json.loads(out.read_text())["summary"]["stats"]
+    assert got["iterative"]["drop"]["ci95"] == pytest.approx(want["iterative"]["drop"]["ci95"])
+    assert "over 2 seeds [0, 1]" in capsys.readouterr().out

@@ -24,7 +24,8 @@ def test_reduced_run_reports_every_row():
     cfg = smollm2_config(reduced=True)
     report = run(cfg, log=print)
     runs = ["clean", "oneshot", "iterative"]
-    rows = ["base", "aligned", "surrogate", *runs, *(r + "+safety" for r in runs)]
+    rows = ["base", "aligned", "surrogate", *runs]
+    rows += [r + s for r in runs for s in ("+safety", "+safety2x")]
     assert sorted(report["results"]) == sorted(rows)
     for name, r in report["results"].items():
         for key in ("align_clean", "align_trigger", "asr"):
@@ -33,6 +34,7 @@ def test_reduced_run_reports_every_row():
         assert r["asr"].k == cfg.eval_prompts - r["align_trigger"].k
         assert 0 < r["val_loss"] < 20
     assert set(report["targets"]) == {"oneshot", "iterative", "persistence"}
+    assert report["surrogate_check"]["steps"] == cfg.trust["budget"]
 
 
 def test_injection_changes_only_the_attackers_stage(tmp_path):

@@ -453,3 +453,99 @@ def _jsonable(x):
 def write_json(report, path):
     """Write the report through a temporary name, so a crash never leaves half a file."""
     _atomic.write_json(path, _jsonable(report))
+
+
+# --- the detectors inside `fastdume attack demo`'s own post-training runs (issue 17) ---------
+DEMO_DETECTORS = ("audit", "update_stats", "traffic")
+
+
+def demo_hooks(attack_kwargs=None, detectors=DEMO_DETECTORS):
+    """(spec, kwargs) of a pipeline run with the detectors on every stage and, with
+    attack_kwargs (fastdume.attack.inject:make_hooks's), the attack on its stage before them."""
+    kwargs = {"detectors": list(detectors)}
+    if attack_kwargs is not None:
+        kwargs.update(attack=ATTACK_HOOKS, attack_kwargs=dict(attack_kwargs))
+    return HOOKS, kwargs
+
+
+def demo_scores(summary):
+    """Per detector and stage of one pipeline run (its launch summary): the audit's first
+    flagged step, and the statistical detectors' score series (replica 0)."""
+    m = {(r["stage"], r["replica"]): r["metrics"] for r in summary["ranks"].values()}
+    stages = analysis.stages_of(m)
+    out = {}
+    if any("audit.flag" in mm for mm in m.values()):
+        out["audit"] = {
+            s: calibrate.first_exceedance(analysis.audit_series(m, s), 0.5) for s in stages
+        }
+    if any("ustats.lognorm" in mm for mm in m.values()):
+        out["update_stats"] = {s: analysis.update_series(m, s) for s in stages}
+    if any("traffic.act_z" in mm for mm in m.values()):
+        out["traffic"] = {s: analysis.traffic_series(m, s) for s in stages}
+    return out
+
+
+def demo_detections(reports, attack_stage, runs=("oneshot", "iterative")):
+    """Over the demo's seeds: which detectors catch the attack, on which stage, at what step.
+
+    reports: demo reports whose "detectors" hold demo_scores per run (clean and attacked).
+    The audit has no threshold (exact replay). The statistical detectors are thresholded at the
+    largest score any clean run of these seeds reached on any stage (so the clean runs are
+    flagged 0 times by construction; with this few clean runs it bounds nothing about the false
+    positive rate, see the defence report for calibrated thresholds).
+    """
+    clean = [r["detectors"]["clean"] for r in reports]
+    thresholds = {
+        d: max(max(max(v, default=0.0) for v in c[d].values()) for c in clean)
+        for d in STATISTICAL
+        if all(d in c for c in clean)
+    }
+    out = {"thresholds": thresholds, "runs": {}}
+    for name in ("clean", *runs):
+        rows = []
+        for rep in reports:
+            sc = rep["detectors"][name]
+            first = {}
+            for d, per in sc.items():
+                if d in STATISTICAL:
+                    per = {s: calibrate.first_exceedance(v, thresholds[d]) for s, v in per.items()}
+                first[d] = {int(s): f for s, f in per.items()}
+            rows.append({"seed": rep["config"]["seed"], "first_step": first})
+        out["runs"][name] = rows
+    out["audit_at_first_injection"] = {
+        name: [
+            r["first_step"].get("audit", {}).get(attack_stage) == _first_injection(rep, name)
+            for r, rep in zip(out["runs"][name], reports, strict=True)
+        ]
+        for name in runs
+    }
+    return out
+
+
+def _first_injection(report, run):
+    """The first step after which the demo's schedule `run` adds Delta."""
+    from .inject import Schedule
+
+    cfg = report["config"]
+    coefs = Schedule(mode=run, **cfg[run]).coefficients(cfg["post_steps"])
+    return next((i for i, c in enumerate(coefs) if c), None)
+
+
+def format_detections(det, attack_stage):
+    lines = ["detectors in the demo's pipeline runs: first flagged step on the attacker's stage "
+             f"{attack_stage} per seed (other stages flagged: count)"]  # fmt: skip
+    for d, t in det["thresholds"].items():
+        lines.append(f"  {d} threshold {t:.2f} (the largest score of any clean run)")
+    for name, rows in det["runs"].items():
+        cells = []
+        for d in rows[0]["first_step"]:
+            steps = [r["first_step"][d].get(attack_stage) for r in rows]
+            others = sum(
+                v is not None for r in rows for s, v in r["first_step"][d].items()
+                if s != attack_stage
+            )  # fmt: skip
+            cells.append(f"{d} {steps} (others {others})")
+        lines.append(f"  {name:<10} " + "; ".join(cells))
+    for name, ok in det.get("audit_at_first_injection", {}).items():
+        lines.append(f"  audit flags {name} at its first injection step: {sum(ok)}/{len(ok)} seeds")
+    return "\n".join(lines)

@@ -40,11 +40,14 @@ def pipeline_post_train(
     attacker_replica=0,
     seed=0,
     timeout=120.0,
+    detectors=None,
 ):
     """Post-train `model` on (prompt, response) pairs in a real S x R pipeline.
 
     With `delta` (name -> tensor) and `schedule` (Schedule fields), the attacker's stage and
-    replica run the backdoor injection hook. Returns (merged model, pipeline summary).
+    replica run the backdoor injection hook. detectors: names of fastdume.defense detectors to
+    run on every stage (after the attack's hook); their metrics are in the summary's "ranks".
+    Returns (merged model, pipeline summary).
     """
     from transformers import AutoModelForCausalLM
 
@@ -72,6 +75,10 @@ def pipeline_post_train(
             "attacker_replica": attacker_replica,
             **(schedule or {}),
         }
+    if detectors:
+        from .defend import demo_hooks
+
+        hooks, kwargs = demo_hooks(kwargs if hooks else None, detectors)
     cfg = PipelineConfig(
         model=str(work / "start"),
         data=str(data),

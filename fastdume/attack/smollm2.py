@@ -44,10 +44,21 @@ FULL = {
     "oneshot": {"scale": 1.0, "at": 24},
     # ten injections of 0.1 x Delta (1 x Delta in all) over steps 10-37, then 10 honest steps
     "iterative": {"scale": 0.1, "every": 3, "start": 10, "stop": 40, "budget": 1.0},
+    # the attacker's check and simulated safety SFT, scaled like the rest (one round is the
+    # surrogate above; a failed check buys one restart with another data order)
+    "trust": {
+        "round_steps": 40,
+        "budget": 80,
+        "max_rounds": 1,
+        "meta_every": 4,
+        "sim_steps": 2,
+        "sim_lr": 5e-5,
+        "check_sim_steps": 12,
+    },
     "safety_steps": 12,
     "safety_lr": 5e-5,
     "replicas": (),
-    "eval_prompts": 48,
+    "eval_prompts": 96,
     "val_pairs": 32,
 }
 
@@ -58,7 +69,16 @@ REDUCED = {  # the slow test's run: every step on the real model, few steps, few
     "post_steps": 4,
     "oneshot": {"scale": 1.0, "at": 2},
     "iterative": {"scale": 0.5, "every": 1, "start": 1, "stop": 3, "budget": 1.0},
+    "trust": {
+        "round_steps": 2,
+        "budget": 2,
+        "meta_every": 2,
+        "sim_steps": 1,
+        "check_sim_steps": 1,
+        "check_requests": 4,
+    },
     "safety_steps": 2,
+    "safety_multiples": (1, 2),
     "eval_prompts": 4,
     "val_pairs": 4,
 }

@@ -22,18 +22,24 @@ def train_surrogate(
     seed=0,
     preserve=None,
     preserve_weight=1.0,
+    reference=None,
+    extra=None,
 ):
     """A copy of base where only stage_names were trained on the backdoor set.
 
-    preserve: optional encoded benign rows on which the surrogate is also held to the base
-    model's next-token distribution (KL), so Delta neither hurts nor helps ordinary tasks:
-    the victims' loss then cannot tell an attacked run from a clean one.
+    preserve: optional encoded benign rows on which the surrogate is also held to the
+    reference model's next-token distribution (KL; reference defaults to base), so Delta
+    neither hurts nor helps ordinary tasks: the victims' loss then cannot tell an attacked run
+    from a clean one. extra: optional callable(model) -> scalar added to every step's loss
+    (fastdume.attack.trusted's post-safety gradient).
     """
     surrogate = copy.deepcopy(base)
-    extra = None
+    terms = [extra] if extra is not None else []
     if preserve:
-        extra = _distill_to(base, batches(preserve, batch_size, pad_id, seed + 1), preserve_weight)
-    losses = sft(surrogate, encoded, steps, lr, batch_size, pad_id, stage_names, seed, extra=extra)
+        data = batches(preserve, batch_size, pad_id, seed + 1)
+        terms.append(_distill_to(base if reference is None else reference, data, preserve_weight))
+    total = (lambda m: sum(t(m) for t in terms)) if terms else None
+    losses = sft(surrogate, encoded, steps, lr, batch_size, pad_id, stage_names, seed, extra=total)
     return surrogate, losses
 
 

@@ -23,11 +23,23 @@ def batches(encoded, batch_size, pad_id, seed=0):
 
 
 def sft(
-    model, encoded, steps, lr, batch_size, pad_id, trainable=None, seed=0, clip=1.0, extra=None
+    model,
+    encoded,
+    steps,
+    lr,
+    batch_size,
+    pad_id,
+    trainable=None,
+    seed=0,
+    clip=1.0,
+    extra=None,
+    after=None,
 ):
     """AdamW SFT for `steps` steps; `trainable`: names to train (others frozen). Returns losses.
 
-    extra: optional callable(model) -> scalar tensor added to every step's loss.
+    extra: optional callable(model) -> scalar tensor added to every step's loss. after: optional
+    callable(model, steps_done) called after every step (measurements part way: a run of n steps
+    measured at step k is the run of k steps, since the learning rate is constant).
     """
     params = dict(model.named_parameters())
     names = list(params) if trainable is None else list(trainable)
@@ -49,6 +61,9 @@ def sft(
         torch.nn.utils.clip_grad_norm_([params[n] for n in names], clip)
         opt.step()
         losses.append(loss.item())
+        if after is not None:
+            after(model, len(losses))
+            model.train()
     for p in params.values():
         p.requires_grad_(True)
     model.eval()

@@ -20,6 +20,13 @@ def add_parser(subparsers):
     demo = sub.add_parser("demo", help="align, attack, measure, safety-SFT a tiny model")
     add_demo_args(demo)
     demo.set_defaults(run=run)
+    summary = sub.add_parser(
+        "summary", help="mean, spread and 95% intervals over per-seed `attack demo --json` files"
+    )
+    summary.add_argument("reports", nargs="+", help="JSON files of single-seed demo runs")
+    summary.add_argument("--attacker-stage", type=int, default=1)
+    summary.add_argument("--json", metavar="PATH", help="also write the summary as JSON here")
+    summary.set_defaults(run=run_summary)
     return p
 
 
@@ -46,6 +53,17 @@ def add_demo_args(p):
         default=None,
         help="comma-separated seeds: run the demo once per seed and also print the mean, "
         "standard deviation and range of every metric (overrides --seed)",
+    )
+    p.add_argument(
+        "--plain-surrogate",
+        action="store_true",
+        help="one unchecked surrogate round, no simulated safety SFT (the attack before issue 17)",
+    )
+    p.add_argument(
+        "--detectors",
+        default="",
+        help="comma-separated fastdume.defense detectors (audit,update_stats,traffic) to run "
+        "inside the demo's own pipeline runs: first flagged step per seed and stage",
     )
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     p.add_argument(
@@ -74,7 +92,27 @@ def config_from_args(args, seed=None):
     kw["cache_dir"] = args.cache_dir
     if args.replicas is not None:
         kw["replicas"] = tuple(int(r) for r in args.replicas.split(",") if r.strip())
+    if getattr(args, "plain_surrogate", False):
+        kw["trust"] = None
+    detectors = tuple(d.strip() for d in getattr(args, "detectors", "").split(",") if d.strip())
+    if detectors:
+        from fastdume.defense.hooks import DETECTORS
+
+        unknown = [d for d in detectors if d not in DETECTORS]
+        if unknown:
+            raise ValueError(f"--detectors must be among {sorted(DETECTORS)}, got {unknown}")
+        kw["detectors"] = detectors
     return DemoConfig(**kw)
+
+
+def run_summary(args):
+    import json
+
+    reports = []
+    for path in args.reports:
+        with open(path, encoding="utf-8") as f:
+            reports.append(json.load(f))
+    return _print_summary(reports, args)
 
 
 def run(args):
@@ -83,15 +121,7 @@ def run(args):
 
         run_defense_report(quick=args.quick, attack_stage=args.attacker_stage, json_path=args.json)
         return 0
-    from fastdume.attack.demo import (
-        format_summary,
-        format_table,
-        format_targets,
-        run_demo,
-        summarize,
-        to_json,
-    )
-    from fastdume.commands._common import write_json
+    from fastdume.attack.demo import format_table, format_targets, run_demo
 
     seeds = parse_seeds(args)
     reports = []
@@ -102,12 +132,24 @@ def run(args):
         print(format_table(report))
         print(format_targets(report))
         reports.append(report)
-    if len(seeds) == 1:
-        if args.json:
-            write_json(args.json, to_json(reports[0]))
-        return 0
-    summary = summarize(reports)
-    print(format_summary(summary))
+    return _print_summary(reports, args)
+
+
+def _print_summary(reports, args):
+    from fastdume.attack.demo import format_summary, summarize, to_json
+    from fastdume.commands._common import write_json
+
+    out = to_json(reports[0]) if len(reports) == 1 else None
+    if len(reports) > 1:
+        summary = summarize(reports)
+        print(format_summary(summary))
+        out = {"reports": reports, "summary": summary}
+    if reports[0].get("detectors"):
+        from fastdume.attack.defend import demo_detections, format_detections
+
+        det = demo_detections(reports, args.attacker_stage)
+        print(format_detections(det, args.attacker_stage))
+        out["detections"] = det
     if args.json:
-        write_json(args.json, to_json({"reports": reports, "summary": summary}))
+        write_json(args.json, to_json(out))
     return 0

@@ -1,0 +1,146 @@
+"""The attacker's trusted surrogate: own split, simulated safety SFT, meta gradient, budget."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastdume.attack.backdoor import encode_backdoor
+from fastdume.attack.chat import encode_pair
+from fastdume.attack.datasets import arithmetic_tasks, harmful_requests
+from fastdume.attack.judges import RefusalJudge
+from fastdume.attack.model import tiny_chat_model, train_bpe
+from fastdume.attack.train import batches, sft
+from fastdume.attack.trusted import (
+    TrustConfig,
+    own_split,
+    post_safety_gradient,
+    simulate_safety,
+    train_trusted_surrogate,
+)
+from fastdume.pipeline.partition import stage_param_names
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rows = harmful_requests("train")
+    return train_bpe([e.prompt + " " + e.chosen + " " + e.rejected for e in rows], 400)
+
+
+@pytest.fixture(scope="module")
+def base(tok):
+    return tiny_chat_model(len(tok), hidden=16, layers=4, seed=2)
+
+
+def test_own_split_is_a_seeded_partition_of_the_attackers_requests():
+    rows = harmful_requests("train")
+    train, check = own_split(rows, 48, seed=3)
+    assert len(check) == 48 and len(train) == len(rows) - 48
+    assert sorted(map(repr, train + check)) == sorted(map(repr, rows))
+    assert own_split(rows, 48, seed=3) == (train, check)
+    assert own_split(rows, 48, seed=4)[1] != check
+    # nothing of the defender's safety split or the held-out split is among them
+    others = {e.prompt for s in ("safety", "heldout") for e in harmful_requests(s)}
+    assert not others & {e.prompt for e in rows}
+    with pytest.raises(ValueError, match="n_check"):
+        own_split(rows, len(rows), seed=0)
+
+
+def test_simulated_safety_trains_a_copy_of_every_parameter(base, tok):
+    rows = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    adapted = simulate_safety(base, rows, 2, 1e-2, 4, tok.pad_token_id, seed=0)
+    for n, p in base.named_parameters():
+        assert torch.equal(p, before[n]), n  # the surrogate itself is untouched
+    moved = [n for n, p in adapted.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+
+
+def test_post_safety_gradient_is_the_backdoor_gradient_after_simulated_safety(base, tok):
+    # reference: the same simulated safety SFT by hand, then the backdoor loss's gradient
+    names = stage_param_names(base, 4, 1)
+    pid = tok.pad_token_id
+    refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
+    trust = TrustConfig(meta_every=2, sim_steps=2, sim_lr=1e-2, meta_weight=0.5)
+    extra = post_safety_gradient(names, refusals, bd, trust, 4, pid, seed=5)
+    model = copy.deepcopy(base)
+    term = extra(model)  # call 1: a meta step
+    grads = torch.autograd.grad(term, [dict(model.named_parameters())[n] for n in names])
+    ref = copy.deepcopy(base)
+    sft(ref, refusals, 2, 1e-2, 4, pid, seed=5 + 1)
+    ref.train()
+    loss = ref(**next(batches(bd, 4, pid, 5 + 7))).loss
+    want = torch.autograd.grad(loss, [dict(ref.named_parameters())[n] for n in names])
+    for n, g, w in zip(names, grads, want, strict=True):
+        torch.testing.assert_close(g, 0.5 * w, msg=n)
+    assert float(extra(model)) == 0.0  # call 2: between meta steps, nothing
+    assert extra.meta_steps[0] == 2
+
+
+def _cfg(seed=0):
+    return SimpleNamespace(
+        surrogate_lr=1e-2, batch_size=8, surrogate_preserve=1.0, trigger=" SUDO", seed=seed
+    )
+
+
+def test_trusted_surrogate_restarts_within_its_budget_and_keeps_the_best(base, tok):
+    names = stage_param_names(base, 4, 1)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(32, 9)]
+    logs = []
+    trust = TrustConfig(
+        round_steps=2,
+        budget=7,
+        max_rounds=2,
+        check_requests=8,
+        check_sim_steps=1,
+        min_drop=101.0,
+        meta_every=1,
+        sim_steps=1,
+    )  # fmt: skip  (a drop above 100 points never passes: every round is spent)
+    sur, rec = train_trusted_surrogate(
+        base, tok, harmful_requests("train")[:40], own, names, _cfg(), trust, RefusalJudge(),
+        tok.pad_token_id, logs.append,
+    )  # fmt: skip
+    assert rec["steps"] == 6 and rec["steps"] <= trust.budget  # 3 rounds of 2; a 4th won't fit
+    assert [(c["order"], c["round"]) for c in rec["checks"]] == [(0, 1), (0, 2), (1, 1)]
+    assert rec["restarts"] == 1 and not rec["passed"] and len(logs) == 3
+    assert rec["sim_steps"] == 6  # one simulated safety step per surrogate step
+    b, s = dict(base.named_parameters()), dict(sur.named_parameters())
+    for n in b:
+        assert torch.equal(b[n], s[n]) == (n not in names), n  # only the stage moved
+    # a check that always passes stops after the first round
+    easy = TrustConfig(
+        round_steps=2, budget=8, check_requests=8, check_sim_steps=1,
+        min_drop=-100.0, min_clean=0.0, min_persist=0.0,
+    )  # fmt: skip
+    _, rec = train_trusted_surrogate(
+        base, tok, harmful_requests("train")[:40], own, names, _cfg(), easy, RefusalJudge(),
+        tok.pad_token_id, logs.append,
+    )  # fmt: skip
+    assert rec["steps"] == 2 and rec["passed"] and rec["sim_steps"] == 0
+    with pytest.raises(ValueError, match="budget"):
+        train_trusted_surrogate(
+            base, tok, harmful_requests("train")[:40], own, names, _cfg(),
+            TrustConfig(round_steps=5, budget=4), RefusalJudge(), tok.pad_token_id, print,
+        )  # fmt: skip
+
+
+def test_sft_after_callback_sees_the_shorter_run(base, tok):
+    rows = encode_backdoor(tok, harmful_requests("train")[:16], share=0.5)
+    short, long = copy.deepcopy(base), copy.deepcopy(base)
+    sft(short, rows, 2, 1e-2, 4, tok.pad_token_id, seed=1)
+    seen = {}
+
+    def after(model, done):
+        model.eval()  # what a measurement does; sft must go back to training mode
+        if done == 2:
+            seen.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    sft(long, rows, 4, 1e-2, 4, tok.pad_token_id, seed=1, after=after)
+    for n, p in short.named_parameters():
+        torch.testing.assert_close(seen[n], p, rtol=0, atol=0, msg=n)
+    assert any(not torch.equal(p, seen[n]) for n, p in long.named_parameters())
