@@ -57,7 +57,7 @@ def test_quant_roundtrip_cpp_vs_torch(benchmark, mb, dtype, threads):
     )
 
 
-def _cuda_time(fn, repeat=5):
+def cuda_seconds(fn, repeat=5):
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -75,8 +75,8 @@ def _cuda_time(fn, repeat=5):
 @pytest.mark.parametrize("mb", [1, 64])
 def test_cuda_codec_vs_torch(benchmark, mb):
     x = torch.randn(mb * 2**20 // 2, device="cuda", dtype=torch.bfloat16)
-    t_cuda = _cuda_time(lambda: _roundtrip(x, "cuda"))
-    t_torch = _cuda_time(lambda: _roundtrip(x, "torch"))
+    t_cuda = cuda_seconds(lambda: _roundtrip(x, "cuda"))
+    t_torch = cuda_seconds(lambda: _roundtrip(x, "torch"))
     benchmark(lambda: (_roundtrip(x, "cuda"), torch.cuda.synchronize()))
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from bench_quant import cuda_seconds
 
 from fastdume.ops.stager import DeviceStager
 
@@ -17,20 +18,6 @@ def _best_of(fn, repeat=3):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _cuda_time(fn, repeat=5):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
     return best
 
 
@@ -88,7 +75,7 @@ def test_copy_hidden_behind_compute(benchmark):
         torch.cuda.synchronize()
         engine.reset()
 
-    t_compute = _cuda_time(compute)
+    t_compute = cuda_seconds(compute)
     t_copy = _best_of(lambda: (engine.synchronize(copy()), engine.reset()), 5)
     t_both = _best_of(both, 5)
     benchmark(both)
