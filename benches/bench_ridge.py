@@ -102,6 +102,15 @@ def _spd_batch(layers, n, device):
     return A, torch.randn(layers, n, EXPERTS, dtype=torch.float64, device=device)
 
 
+def _lu_solve(M, B):
+    """torch.linalg.solve; on the CPU one matrix at a time, because the batched MKL LU of torch
+    2.13's CPU build fails ("Pivots given to lu_solve must all be greater or equal to 1") once
+    torch.set_num_threads has changed the thread count in the process (other benches do)."""
+    if M.device.type == "cuda":
+        return torch.linalg.solve(M, B)
+    return torch.stack([torch.linalg.solve(m, b) for m, b in zip(M, B, strict=True)])
+
+
 def _solve_case(benchmark, layers, n, device):
     A, B = _spd_batch(layers, n, device)
     lam = 1e-2
@@ -110,7 +119,7 @@ def _solve_case(benchmark, layers, n, device):
     W = benchmark(ours)
     M = A + lam * torch.eye(n, dtype=torch.float64, device=device)
     t_ours = _time(ours)
-    t_lu = _time(lambda: torch.linalg.solve(M, B))
+    t_lu = _time(lambda: _lu_solve(M, B))
     t_chol = _time(lambda: torch.cholesky_solve(B, torch.linalg.cholesky(M)))
     res = torch.linalg.matrix_norm(M @ W - B) / torch.linalg.matrix_norm(B)
     if backend == "triton" and n <= ridge_ops.SMALL_N:  # one program per matrix vs blocked
