@@ -3,23 +3,13 @@ torch ops on a GPU (target: several times faster).
 
 Ratios are measured in the same run and reported in benchmark.extra_info."""
 
-import time
-
 import pytest
 import torch
+from timing import best_of, cuda_seconds
 
 from fastdume.ops import quant
 
 BLOCK = 256
-
-
-def _best_of(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _roundtrip(x, backend):
@@ -45,8 +35,8 @@ def test_quant_roundtrip_cpp_vs_torch(benchmark, mb, dtype, threads):
         benchmark(_roundtrip, x, "cpp")
         return
     repeat = 1 if benchmark.disabled or mb == 64 else 3
-    t_torch = _best_of(lambda: _roundtrip(x, "torch"), repeat)
-    t_cpp = _best_of(lambda: _roundtrip(x, "cpp"), repeat)
+    t_torch = best_of(lambda: _roundtrip(x, "torch"), repeat)
+    t_cpp = best_of(lambda: _roundtrip(x, "cpp"), repeat)
     benchmark(_roundtrip, x, "cpp")
     nbytes = x.numel() * x.element_size()
     benchmark.extra_info.update(
@@ -55,20 +45,6 @@ def test_quant_roundtrip_cpp_vs_torch(benchmark, mb, dtype, threads):
         speedup_vs_torch=t_torch / t_cpp,
         threads=threads,
     )
-
-
-def cuda_seconds(fn, repeat=5):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best
 
 
 @pytest.mark.gpu

@@ -3,22 +3,11 @@ a transfer hidden behind compute on another stream).
 
 Ratios are measured in the same run and reported in benchmark.extra_info."""
 
-import time
-
 import pytest
 import torch
-from bench_quant import cuda_seconds
+from timing import best_of, cuda_seconds
 
 from fastdume.ops.stager import DeviceStager
-
-
-def _best_of(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 @pytest.mark.gpu
@@ -41,7 +30,7 @@ def test_pinned_copy_vs_torch(benchmark, direction):
         dst.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
 
-    t_ours, t_torch = _best_of(ours, 5), _best_of(theirs, 5)
+    t_ours, t_torch = best_of(ours, 5), best_of(theirs, 5)
     benchmark(ours)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(),
@@ -76,8 +65,8 @@ def test_copy_hidden_behind_compute(benchmark):
         engine.reset()
 
     t_compute = cuda_seconds(compute)
-    t_copy = _best_of(lambda: (engine.synchronize(copy()), engine.reset()), 5)
-    t_both = _best_of(both, 5)
+    t_copy = best_of(lambda: (engine.synchronize(copy()), engine.reset()), 5)
+    t_both = best_of(both, 5)
     benchmark(both)
     hidden = (t_compute + t_copy - t_both) / t_copy
     benchmark.extra_info.update(

@@ -4,23 +4,14 @@ raw send of the same bytes.
 Ratios are measured in the same run and reported in benchmark.extra_info."""
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from timing import best_of
 
 from fastdume.ops import wire
-
-
-def _best_of(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _gloo_pair():
@@ -68,8 +59,8 @@ def test_loopback_gloo_transfer(benchmark, compress):
         return wire.unpack(h_in, p_in, stage=0, micro_batch=0, shape=x.shape)
 
     repeat = 1 if benchmark.disabled else 3
-    t_raw = _best_of(lambda: _transfer(pgs, [x], [torch.empty_like(x)]), repeat)
-    t = _best_of(once, repeat)
+    t_raw = best_of(lambda: _transfer(pgs, [x], [torch.empty_like(x)]), repeat)
+    t = best_of(once, repeat)
     y = benchmark(once)
     tol = 0 if compress != "int8" else float(x.abs().max()) / 127
     assert torch.allclose(y, x, atol=tol, rtol=0)

@@ -1,29 +1,13 @@
 """fastdume.ops.grouped_linear: the Triton grouped GEMM (interpreter on CPU) and the torch path
 against a float64 per-token loop, their gradients, the per-token gathers, and bad input."""
 
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
+from poisoning import poisoned
 
 from fastdume.ops import grouped_linear as gl
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
-
-
-@contextlib.contextmanager
-def poisoned():
-    """Every torch.empty inside is filled with NaN (floats) or garbage (ints), so a kernel that
-    leaves part of an output or scratch buffer unwritten fails the comparison."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -777) if t.numel() else t
-
-    with mock.patch.object(torch, "empty", empty):
-        yield
 
 
 def reference(x, weight, ids, bias=None):

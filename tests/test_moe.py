@@ -1,32 +1,16 @@
 """fastdume.ops.moe: Triton routing, dispatch and grouped GEMMs (interpreter on CPU) and the torch
 path, against independent references (float64 dense per-token loops, torch.sort routing)."""
 
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from poisoning import poisoned
 
 from fastdume.ops import moe
 
 FEW = settings(max_examples=12, deadline=None, derandomize=True)
-
-
-@contextlib.contextmanager
-def poisoned():
-    """Every torch.empty inside is filled with NaN (floats) or garbage (ints), so a kernel that
-    leaves part of an output or scratch buffer unwritten fails the comparison."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan") if t.is_floating_point() else -777) if t.numel() else t
-
-    with mock.patch.object(torch, "empty", empty):
-        yield
 
 
 def dense_reference(x, weights, ids, gate_up, down):
