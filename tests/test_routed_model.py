@@ -19,6 +19,7 @@ from fastdume.router import RouterStats, collect_stats, fit_router
 
 OPTIONS = [(f, d) for f in ("token", "context", "context:4") for d in
            ("layer", "cumulative", "single")]  # fmt: skip
+OPTIONS += [("vocab", "single"), ("vocab:3", "single")]  # the vocabulary router: single only
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,9 @@ def add_parser(subparsers):
     )
     parser.add_argument(
         "--features",
-        help="router features: 'token', 'context' (causal running mean over the sequence) or "
-        "'context:H' (decayed, half-life H tokens); default: the measured best for --routed",
+        help="router features: 'token', 'context' (causal running mean over the sequence), "
+        "'context:H' (decayed, half-life H tokens), 'vocab' / 'vocab:H' (naive Bayes on the "
+        "tokens so far; needs --depth single); default: the measured best for --routed",
     )
     parser.add_argument(
         "--depth",

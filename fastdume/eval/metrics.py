@@ -52,25 +52,22 @@ def decision_hook(model, callback):
 
     Models with the paper's options route inside each DumeMoE (a pre-hook recomputes the
     decision from the router, as `fused_moe` does); the other options decide through the
-    model's RoutingState, whose `decide` is wrapped for the duration of the block.
+    model's RoutingState, whose `on_decision` hook is chained for the duration of the block.
     """
     state = getattr(model, "dume_state", None)
     if state is not None:
-        original, shadowed = state.decide, "decide" in vars(state)
+        previous = state.on_decision
 
-        def decide(index, x):
-            out = original(index, x)
-            callback(index, state.ids)
-            return out
+        def chained(index, ids):
+            if previous is not None:
+                previous(index, ids)
+            callback(index, ids)
 
-        state.decide = decide
+        state.on_decision = chained
         try:
             yield
         finally:
-            if shadowed:  # an outer hook's wrapper
-                state.decide = original
-            else:
-                del state.decide  # back to the method
+            state.on_decision = previous
         return
 
     def make_hook(index):

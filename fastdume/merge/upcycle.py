@@ -97,8 +97,9 @@ def _fill_routed(model, sources, layout, bar):
         bar.update()
         for e, source in enumerate(sources):
             target[key][e].copy_(source.get(key))
-    embed = target["model.embed_tokens.weight"]
-    model.router_embed.weight.copy_(embed.to(torch.float32).mean(dim=0))
+    if hasattr(model, "router_embed"):  # none for the vocabulary router
+        embed = target["model.embed_tokens.weight"]
+        model.router_embed.weight.copy_(embed.to(torch.float32).mean(dim=0))
     for router in model.dume_routers():
         router.weight.zero_()
         router.bias.zero_()

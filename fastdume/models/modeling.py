@@ -327,12 +327,15 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         E, H, V = config.num_experts, dense.hidden_size, dense.vocab_size
         # routers of the non-paper options that are not inside an MoE (RouterStats order)
         self.routers = nn.ModuleList()
+        vocab = routing.is_vocab(config.router_features)
         if config.routed == "model" or config.router_depth == "single":
+            width = V if vocab else H  # the vocabulary router reads one-hot tokens
             for _ in range(config.num_routers):
-                self.routers.append(DumeRouter(H, E, bias=True, dtype=torch.float32))
+                self.routers.append(DumeRouter(width, E, bias=True, dtype=torch.float32))
         self.dume_state = None if routing.is_paper(config) else routing.RoutingState(config, [])
         if config.routed == "model":
-            self.router_embed = DumeRouterEmbedding(V, H)
+            if not vocab:
+                self.router_embed = DumeRouterEmbedding(V, H)
             self.lm_head = RoutedLinear(E, H, V)
             self.lm_head.dume_state = self.dume_state
             deciding = range(1, config.num_routers)  # router 0 decides before the decoder runs
@@ -424,9 +427,11 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
                 f"(routed={config.routed!r}, router_features={config.router_features!r}, "
                 f"router_depth={config.router_depth!r}) is gone; disable it for these options"
             )
-        if input_ids is None and (config.routed == "model" or inputs_embeds is None):
+        vocab = routing.is_vocab(config.router_features)
+        if input_ids is None and (config.routed == "model" or vocab or inputs_embeds is None):
             raise ValueError(
-                f"input_ids are required by routed={config.routed!r} (got inputs_embeds only)"
+                f"input_ids are required by routed={config.routed!r}, "
+                f"router_features={config.router_features!r} (got inputs_embeds only)"
             )
         shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
         if use_cache is None:
@@ -447,7 +452,9 @@ class DumeForCausalLM(DumePreTrainedModel, GenerationMixin):
         else:
             mask = attention_mask[:, -shape[1] :].bool()
         state.begin(mask, context)
-        if config.routed == "model":
+        if vocab:
+            state.decide_tokens(input_ids)
+        elif config.routed == "model":
             state.decide(0, self.router_embed(input_ids))
         elif config.router_depth == "single":
             x = inputs_embeds if inputs_embeds is not None else self.model.embed_tokens(input_ids)

@@ -12,7 +12,12 @@ Options (all saved in DumeConfig):
     "context":           the causal running mean, over the sequence's real tokens up to t (padding
                          excluded), of the RMS-normalised router input;
     "context:<h>":       the same mean with exponential decay, half-life h >= 1 real tokens, for
-                         sequences that change domain.
+                         sequences that change domain;
+    "vocab", "vocab:<h>": the tokens themselves (depth="single" only): the router is a table of
+                         each domain's smoothed unigram log-probabilities [E, V] (naive Bayes,
+                         closed form from per-domain token counts, fastdume.router.solve), and
+                         its logits at t are the (decayed) mean of the rows of the tokens so far,
+                         i.e. each domain's mean log-likelihood of the sequence so far.
 - depth: "layer" (each router decides its layer alone), "cumulative" (layer l decides on the
   logits summed over the routers 0..l), "single" (one router at the embeddings decides every
   layer; it reads the embedding output for routed="mlp" and, for routed="model", a fixed
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 
 ROUTED = ("mlp", "model")
 DEPTHS = ("layer", "cumulative", "single")
-FEATURE_KINDS = ("token", "context", "context:<half-life>")
+FEATURE_KINDS = ("token", "context", "context:<half-life>", "vocab", "vocab:<half-life>")
 PAPER = ("token", "layer")  # the paper's features and depth (routed="mlp" default)
 # The measured defaults (docs/EVAL.md, "Routing the whole model").
 DEFAULTS = {"mlp": ("token", "layer"), "model": ("context", "single")}
@@ -46,22 +51,29 @@ _CHUNK = 256  # decayed mean: fp64 weights 2^(chunk / half-life) stay finite for
 
 
 def parse_features(features):
-    """-> half-life in real tokens: None for "token", inf for "context", h for "context:<h>"."""
+    """-> half-life in real tokens: None for "token", inf for "context" / "vocab", h for
+    "context:<h>" / "vocab:<h>"."""
     if features == "token":
         return None
-    if features == "context":
-        return math.inf
-    if isinstance(features, str) and features.startswith("context:"):
+    kind, colon, value = features.partition(":") if isinstance(features, str) else ("", "", "")
+    if kind in ("context", "vocab"):
+        if not colon:
+            return math.inf
         try:
-            half_life = float(features[len("context:") :])
+            half_life = float(value)
         except ValueError:
             half_life = math.nan
         if math.isfinite(half_life) and half_life >= 1:
             return half_life
     raise ValueError(
-        f"features must be 'token', 'context' or 'context:<half-life>' with a half-life >= 1 "
-        f"token, got {features!r}"
+        f"features must be 'token', 'context', 'context:<half-life>', 'vocab' or "
+        f"'vocab:<half-life>' with a half-life >= 1 token, got {features!r}"
     )
+
+
+def is_vocab(features):
+    """True for the vocabulary router ("vocab" / "vocab:<h>"): counts, not hidden states."""
+    return features.partition(":")[0] == "vocab"
 
 
 def check_options(routed, features=None, depth=None):
@@ -74,9 +86,14 @@ def check_options(routed, features=None, depth=None):
     depth = DEFAULTS[routed][1] if depth is None else depth
     half_life = parse_features(features)
     if half_life is not None and math.isfinite(half_life):
-        features = f"context:{half_life:g}"
+        features = f"{features.partition(':')[0]}:{half_life:g}"
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}")
+    if is_vocab(features) and depth != "single":
+        raise ValueError(
+            f"features={features!r} reads the input tokens, so its one router decides every "
+            f"layer: depth must be 'single', got {depth!r}"
+        )
     return routed, features, depth
 
 
@@ -204,16 +221,32 @@ class RoutingState:
         f = self.features(index, x)
         router = self.routers[index]
         logits = F.linear(f.reshape(-1, f.shape[-1]), router.weight.float(), router.bias.float())
+        return self._choose(index, logits, x.shape[:-1])
+
+    def decide_tokens(self, ids):
+        """The vocabulary router (features "vocab"), on input ids [B, S]: its logits are the
+        (decayed) running mean of its weight columns of the tokens so far, plus the bias, i.e.
+        its weights applied to the running mean of the tokens' one-hot vectors, without ever
+        forming a [B, S, V] tensor. The recorder sees nothing: its statistics are token counts."""
+        router = self.routers[0]
+        rows = F.embedding(ids, router.weight.float().t())  # [B, S, E]
+        mean, self.context[0] = running_mean(rows, self.mask, self.previous.get(0), self.half_life)
+        logits = mean.reshape(-1, mean.shape[-1]) + router.bias.float()
+        return self._choose(0, logits, ids.shape)
+
+    def _choose(self, index, logits, shape):
         if self.cumulative:
             logits = logits if self.logits is None else logits + self.logits
             self.logits = logits
         if self.force is None:
             weights, ids = select(logits / self.temperature, self.top_k)
         else:
-            ids = torch.full((logits.shape[0], 1), self.force, dtype=torch.long, device=f.device)
-            weights = torch.ones(ids.shape, dtype=torch.float32, device=f.device)
+            ids = torch.full(
+                (logits.shape[0], 1), self.force, dtype=torch.long, device=logits.device
+            )
+            weights = torch.ones(ids.shape, dtype=torch.float32, device=logits.device)
         self.decision = (weights, ids)
-        self.ids = ids[:, 0].reshape(x.shape[:-1])
+        self.ids = ids[:, 0].reshape(shape)
         if self.on_decision is not None:
             self.on_decision(index, self.ids)
         return self.decision

@@ -1,6 +1,7 @@
 """Collecting router statistics: run a model with every layer forced to one domain's expert and
 accumulate every router's input features in one forward pass, stopped after the last router
-(sharded over ranks when torch.distributed is up)."""
+(sharded over ranks when torch.distributed is up). The vocabulary router's statistics are the
+domain's token counts: no forward at all."""
 
 import contextlib
 import math
@@ -93,27 +94,21 @@ def _capturing(model, update):
 
 
 def _collect_local(model, domain, batches, budget, skip_first_token, local, progress):
-    expert = list(model.config.domains).index(domain)
-    last = local.num_layers - 1
     device = next(model.parameters()).device
-    state = {"mask": None}
-
-    def update(index, x):
-        local.update(index, x.reshape(state["mask"].shape + (-1,)), domain, state["mask"])
-        if index == last:
-            raise _StopForward  # the rest of the forward is not needed
-
+    if local.has_gram:
+        step, scope = _forward_step(model, domain, local)
+    else:  # the vocabulary router: its statistics are token counts, no forward is needed
+        step, scope = lambda ids, mask, keep: local.update_tokens(ids, domain, keep), None
     bar = _progress(progress, budget, domain)
     seen = 0
     try:
-        with torch.no_grad(), forced_expert(model, expert), _capturing(model, update):
+        with torch.no_grad(), scope or contextlib.nullcontext():
             for batch in batches:
                 ids, mask = _as_batch(batch, device)
-                state["mask"] = _token_mask(mask, skip_first_token, _left(budget, seen))
-                added = int(state["mask"].sum())
+                keep = _token_mask(mask, skip_first_token, _left(budget, seen))
+                added = int(keep.sum())
                 if added:
-                    with contextlib.suppress(_StopForward):
-                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    step(ids, mask, keep)
                     seen += added
                     bar.update(added)
                 if budget is not None and seen >= budget:
@@ -121,6 +116,31 @@ def _collect_local(model, domain, batches, budget, skip_first_token, local, prog
     finally:
         bar.close()
     return seen
+
+
+def _forward_step(model, domain, local):
+    """(step(ids, mask, keep), context): run the model forced to `domain`'s expert and add every
+    router's features at the kept tokens, stopping the forward after the last router."""
+    expert = list(model.config.domains).index(domain)
+    last = local.num_layers - 1
+    state = {"keep": None}
+
+    def update(index, x):
+        local.update(index, x.reshape(state["keep"].shape + (-1,)), domain, state["keep"])
+        if index == last:
+            raise _StopForward  # the rest of the forward is not needed
+
+    def step(ids, mask, keep):
+        state["keep"] = keep
+        with contextlib.suppress(_StopForward):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    @contextlib.contextmanager
+    def scope():
+        with forced_expert(model, expert), _capturing(model, update):
+            yield
+
+    return step, scope()
 
 
 def _left(budget, seen):

@@ -1,5 +1,6 @@
 """The closed-form router fit (DUME): ridge regression of the one-hot expert target on the MoE
-inputs, assembled from RouterStats, solved in fp64, written into a model."""
+inputs, assembled from RouterStats, solved in fp64, written into a model; the vocabulary router's
+closed form is naive Bayes on the domains' token counts."""
 
 import math
 
@@ -56,6 +57,8 @@ def solve_router(
     balance=True weights each domain's statistics by 1 / n_e (equal say for every domain).
     fit_intercept=False drops the bias (returned as zeros). domains: expert order (default:
     stats.domains).
+    Statistics of the vocabulary router (token counts) get `naive_bayes` instead, with lam as
+    its smoothing count; normalize, fit_intercept and balance do not apply there.
     """
     if not isinstance(stats, RouterStats):
         raise TypeError(f"stats must be RouterStats, got {type(stats).__name__}")
@@ -70,6 +73,8 @@ def solve_router(
         raise ValueError(f"lam_mode must be one of {LAM_MODES}, got {lam_mode!r}")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not stats.has_gram:
+        return naive_bayes(stats, domains, lam, lam_mode)
     A, B = _solve_inputs(stats, domains, fit_intercept, balance)
     lam_t = torch.full((A.shape[0],), float(lam), dtype=STORE, device=A.device)
     if lam_mode == "trace":
@@ -83,6 +88,29 @@ def solve_router(
         norm = torch.where(norm > 0, norm, torch.ones_like(norm))
         weight, bias = weight / norm[..., None], bias / norm
     return weight, bias
+
+
+def naive_bayes(stats, domains, lam=1e-2, lam_mode="absolute"):
+    """The vocabulary router: weight[0, e, v] = log((c_e[v] + lam) / (n_e + lam V)), domain e's
+    additively smoothed unigram log-probability of token v, bias 0 (every domain the same
+    prior). Its logits at t, the mean of the weight columns of the tokens so far, are each
+    domain's mean log-likelihood of the sequence so far, so the top-1 expert is the naive-Bayes
+    choice; each expert's row depends on its own counts only, so add/remove stay exact.
+    -> (weight [1, E, V], bias [1, E]), float64."""
+    if lam_mode != "absolute":
+        raise ValueError(
+            f"lam_mode must be 'absolute' for token-count statistics, got {lam_mode!r}"
+        )
+    if not lam > 0:
+        raise ValueError(
+            f"lam must be > 0 for token-count statistics (it smooths unseen tokens), got {lam!r}"
+        )
+    for domain in domains:
+        if int(stats.count(domain)[0]) == 0:
+            raise ValueError(f"statistics of domain {domain!r} have zero tokens; collect some")
+    counts = torch.stack([stats.colsum(d)[0] for d in domains]) + lam  # [E, V]
+    weight = (counts / counts.sum(-1, keepdim=True)).log()[None]
+    return weight, torch.zeros(1, len(domains), dtype=STORE, device=weight.device)
 
 
 def fit_router(model, stats, **solve_kwargs):

@@ -3,7 +3,9 @@
 For every domain e and layer l we keep the sufficient statistics of the MoE input x under oracle
 routing: G = X^T X (lower triangle only), s = sum of x, n = token count. The bias-augmented
 ridge system of the reference is assembled from them at solve time, so neither [x, 1] nor a
-one-hot target matrix is ever built.
+one-hot target matrix is ever built. The vocabulary router (features "vocab") reads one-hot
+tokens: its statistics are s = the domain's token counts [1, V] and n, with no G (its naive-Bayes
+fit needs none, and a V x V matrix would not fit in memory).
 
 Precision: each update forms its X^T X in fp32 (the GEMM rate) and adds it into an fp64 store,
 so rounding stays at the level of one batch's product instead of growing with the number of
@@ -17,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from fastdume._atomic import save_safetensors
-from fastdume.models.routing import PAPER_OPTIONS
+from fastdume.models.routing import PAPER_OPTIONS, is_vocab
 from fastdume.ops.gram import gram_accumulate, symmetrize
 from fastdume.router.fingerprint import check_model
 
@@ -49,9 +51,10 @@ class RouterStats:
         self.fingerprint = fingerprint
         self.options = None if options is None else dict(options)
         self.device = torch.device(device or "cpu")
+        self.has_gram = not (self.options and is_vocab(self.options["features"]))
         self._gram, self._sum, self._count = {}, {}, {}
         for domain in domains:
-            if domain in self._gram:
+            if domain in self._count:
                 raise ValueError(f"domains must be distinct, got {domain!r} twice in {domains}")
             self._allocate(domain)
 
@@ -59,29 +62,41 @@ class RouterStats:
         if not isinstance(domain, str) or not domain:
             raise ValueError(f"a domain must be a non-empty str, got {domain!r}")
         L, H = self.num_layers, self.hidden_size
-        self._gram[domain] = torch.zeros(L, H, H, dtype=STORE, device=self.device)
+        if self.has_gram:
+            self._gram[domain] = torch.zeros(L, H, H, dtype=STORE, device=self.device)
         self._sum[domain] = torch.zeros(L, H, dtype=STORE, device=self.device)
         self._count[domain] = torch.zeros(L, dtype=torch.int64, device=self.device)
 
     @property
     def domains(self):
-        return list(self._gram)
+        return list(self._count)
+
+    def _stores(self):
+        return (self._gram, self._sum, self._count) if self.has_gram else (self._sum, self._count)
 
     def _domain(self, domain):
-        if domain not in self._gram:
+        if domain not in self._count:
             raise ValueError(f"domain must be one of {self.domains}, got {domain!r}")
         return domain
 
     def lower(self, domain):
         """Stored lower triangle of X^T X of `domain` (upper part unspecified): [L, H, H] fp64."""
+        self._need_gram()
         return self._gram[self._domain(domain)]
+
+    def _need_gram(self):
+        if not self.has_gram:
+            raise ValueError(
+                "these statistics are the vocabulary router's token counts (features "
+                f"{self.options['features']!r}); they hold no Gram matrix"
+            )
 
     def gram(self, domain):
         """Full symmetric X^T X of `domain`: [L, H, H] fp64."""
-        return symmetrize(self._gram[self._domain(domain)])
+        return symmetrize(self.lower(domain))
 
     def colsum(self, domain):
-        """Sum of the MoE inputs of `domain`: [L, H] fp64."""
+        """Sum of the MoE inputs of `domain` (vocabulary router: token counts): [L, H] fp64."""
         return self._sum[self._domain(domain)]
 
     def count(self, domain):
@@ -98,6 +113,7 @@ class RouterStats:
         Returns the number of tokens added. NaN/Inf input raises before anything is added.
         """
         self._domain(domain)
+        self._need_gram()
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(f"layer must be an int, got {layer!r}")
         if not 0 <= layer < self.num_layers:
@@ -117,6 +133,26 @@ class RouterStats:
             ) from None
         self._count[domain][layer] += added
         return added
+
+    def update_tokens(self, input_ids, domain, mask=None):
+        """Vocabulary router: add the counts of input_ids [B, S] (mask [B, S]: False = skip).
+        Returns the number of tokens added."""
+        self._domain(domain)
+        if self.has_gram:
+            raise ValueError("update_tokens is for the vocabulary router's statistics; use update")
+        ids = input_ids.reshape(-1).to(self.device)
+        if mask is not None:
+            if tuple(mask.shape) != tuple(input_ids.shape):
+                raise ValueError(
+                    f"mask must have shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}"
+                )
+            ids = ids[mask.reshape(-1).bool().to(self.device)]
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.hidden_size:
+            raise ValueError(f"input_ids must be in 0..{self.hidden_size - 1} (the vocabulary)")
+        counts = torch.bincount(ids, minlength=self.hidden_size).to(STORE)
+        self._sum[domain][0] += counts
+        self._count[domain][0] += ids.numel()
+        return ids.numel()
 
     # --- combining -------------------------------------------------------------------------
 
@@ -143,11 +179,10 @@ class RouterStats:
     def __iadd__(self, other):
         self._check_compatible(other)
         for domain in other.domains:
-            if domain not in self._gram:
+            if domain not in self._count:
                 self._allocate(domain)
-            self._gram[domain] += other._gram[domain].to(self.device)
-            self._sum[domain] += other._sum[domain].to(self.device)
-            self._count[domain] += other._count[domain].to(self.device)
+            for mine, theirs in zip(self._stores(), other._stores(), strict=True):
+                mine[domain] += theirs[domain].to(self.device)
         self.fingerprint = self.fingerprint or other.fingerprint
         self.options = self.options or other.options
         return self
@@ -173,15 +208,14 @@ class RouterStats:
         for domain in domains:
             self._domain(domain)
             result._allocate(domain)
-            result._gram[domain] += self._gram[domain]
-            result._sum[domain] += self._sum[domain]
-            result._count[domain] += self._count[domain]
+            for mine, theirs in zip(result._stores(), self._stores(), strict=True):
+                mine[domain] += theirs[domain]
         return result
 
     def remove(self, domain):
         """Drop `domain` in place."""
         self._domain(domain)
-        for store in (self._gram, self._sum, self._count):
+        for store in self._stores():
             del store[domain]
         return self
 
@@ -196,7 +230,7 @@ class RouterStats:
         device = self.device
         if dist.get_backend(group) == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        for store in (self._gram, self._sum, self._count):
+        for store in self._stores():
             for domain, tensor in store.items():
                 buf = tensor.to(device)
                 dist.all_reduce(buf, group=group)
@@ -208,10 +242,15 @@ class RouterStats:
     def save(self, path):
         """Write a safetensors file (lower triangles packed); temp name, then rename."""
         path = os.fspath(path)
-        rows, cols = torch.tril_indices(self.hidden_size, self.hidden_size)
+        rows, cols = (
+            torch.tril_indices(self.hidden_size, self.hidden_size)
+            if self.has_gram
+            else (None, None)
+        )
         tensors = {}
         for i, domain in enumerate(self.domains):
-            tensors[f"gram.{i}"] = self._gram[domain][:, rows, cols].cpu().contiguous()
+            if self.has_gram:
+                tensors[f"gram.{i}"] = self._gram[domain][:, rows, cols].cpu().contiguous()
             tensors[f"sum.{i}"] = self._sum[domain].cpu().contiguous()
             tensors[f"count.{i}"] = self._count[domain].cpu().contiguous()
         metadata = {
@@ -247,10 +286,11 @@ class RouterStats:
         options = {k: meta.get(f"routing_{k}", PAPER_OPTIONS[k]) for k in PAPER_OPTIONS}
         fingerprint = meta["fingerprint"] or None
         stats = cls(L, H, json.loads(meta["domains"]), fingerprint, device, options)
-        rows, cols = torch.tril_indices(H, H)
+        rows, cols = torch.tril_indices(H, H) if stats.has_gram else (None, None)
         for i, domain in enumerate(stats.domains):
-            packed = _get(tensors, f"gram.{i}", (L, rows.numel()), path)
-            stats._gram[domain][:, rows, cols] = packed.to(stats.device, STORE)
+            if stats.has_gram:
+                packed = _get(tensors, f"gram.{i}", (L, rows.numel()), path)
+                stats._gram[domain][:, rows, cols] = packed.to(stats.device, STORE)
             stats._sum[domain] += _get(tensors, f"sum.{i}", (L, H), path).to(stats.device)
             stats._count[domain] += _get(tensors, f"count.{i}", (L,), path).to(stats.device)
         if model is not None:
