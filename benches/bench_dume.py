@@ -3,11 +3,12 @@
 CPU target: a routed="model" forward at T = 2048 tokens costs <= 1.25x one dense expert's
 forward on the same tokens. Shape: a Llama with hidden 512, 4 layers, MLP 1536, 8 heads
 (4 KV heads), vocabulary 8192, E = 4 experts, fp32, batch 4 x 512 tokens; the routers are
-fitted in closed form (default options: context features, one router at the embeddings) on
+fitted in closed form (default options: the vocabulary router, half-life 16 tokens) on
 four synthetic "domains" (a quarter of the vocabulary each) and the batch holds one sequence
 per domain, so each sequence settles on its expert and the batch spreads over all four
-(extra_info: the share of tokens per expert). The routed forward pays the router, the running
-mean and one grouped linear per projection (tokens grouped by expert) over the dense one.
+(extra_info: the share of tokens per expert). The routed forward pays the router (a gather
+and a running mean of E logits per token) and one grouped linear per projection (tokens grouped
+by expert) over the dense one.
 
 Smoke run (--benchmark-disable): 2 x 32 tokens, one repetition, and the forced-routing check.
 """

@@ -89,7 +89,9 @@ def test_gradients_reach_the_routed_experts_tensors_as_the_dense_experts():
 
 
 def test_routed_model_keeps_every_tensor_per_expert(experts):
-    model = fastdume.upcycle([experts[d] for d in DOMAINS], routed="model", progress=False)
+    model = fastdume.upcycle(
+        [experts[d] for d in DOMAINS], routed="model", features="context", progress=False
+    )
     dense = transformers.AutoModelForCausalLM.from_pretrained(experts["b"]).state_dict()
     state = model.state_dict()
     for key, value in dense.items():
@@ -100,6 +102,11 @@ def test_routed_model_keeps_every_tensor_per_expert(experts):
     ]).double().mean(0)  # fmt: skip
     torch.testing.assert_close(model.router_embed.weight.double(), means, rtol=1e-6, atol=1e-7)
     assert model.config.shared == "none" and model.config.top_k == 1
+    # the default, the vocabulary router, has no token table: its one router reads token ids
+    default = fastdume.upcycle([experts[d] for d in DOMAINS], routed="model", progress=False)
+    assert (default.config.router_features, default.config.router_depth) == ("vocab:16", "single")
+    assert not hasattr(default, "router_embed")
+    assert default.dume_routers()[0].weight.shape == (len(DOMAINS), 256)
 
 
 # --- features and statistics against float64 references ------------------------------------
@@ -191,8 +198,7 @@ def test_statistics_are_the_dense_experts_features(experts, features, depth):
 
 
 def test_fitted_router_picks_the_domains_expert(experts):
-    model, _ = build(experts, DOMAINS, count=20)  # the default options: context, single
-    assert (model.config.router_features, model.config.router_depth) == ("context", "single")
+    model, _ = build(experts, DOMAINS, features="context", depth="single", count=20)
     router = model.dume_routers()[0]
     for e, d in enumerate(DOMAINS):
         batch = domain_batches(d, seed=5, pad=False)[0]

@@ -67,7 +67,8 @@ def add_parser(subparsers):
     abl.add_argument("--model-rows", metavar="F/D,...", type=_grid,
                      help="routed='model' rows as features/depth pairs ('default' = its "
                      "defaults, 'none' = no row; default: token, context, context:16 x layer, "
-                     "cumulative, single); fitted with --stats-mode like DUME")  # fmt: skip
+                     "cumulative, single, and vocab, vocab:16 x single); fitted with "
+                     "--stats-mode like DUME")  # fmt: skip
     abl.add_argument(
         "--mixed-rows",
         type=int,

@@ -22,6 +22,7 @@ ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 # routed="model" rows: every features x depth option (half-life 16: a quarter of a demo row).
 MODEL_ROWS = tuple((f, d) for f in ("token", "context", "context:16")
                    for d in ("layer", "cumulative", "single"))  # fmt: skip
+MODEL_ROWS += (("vocab", "single"), ("vocab:16", "single"))  # the vocabulary router: single only
 
 
 @dataclasses.dataclass

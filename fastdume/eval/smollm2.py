@@ -61,7 +61,7 @@ class SmolConfig:
     # (embeddings, attention, norms, MLPs: how users' experts are usually made).
     full: bool = False
     # routed="model" rows, "features/depth,..." (fastdume.eval.methods.parse_grid).
-    model_rows: str = "default,token/layer,context/layer,context/cumulative,context:16/single"
+    model_rows: str = "default,vocab/single,token/layer,context/single,context:16/single"
     mixed_rows: int = 4  # mixed-domain rows per ordered domain pair (0: none)
     training: bool = True  # DUME+, DUME+ k=2, BTX-style, DUME full FT
 

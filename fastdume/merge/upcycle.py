@@ -169,9 +169,11 @@ def upcycle(
     first expert's).
     routed: "mlp" (the paper: MLPs are experts, the rest shared) | "model" (every tensor kept
     per expert; a token runs its expert's whole network; top_k must be 1).
-    features: "token" | "context" | "context:<half-life>"; depth: "layer" | "cumulative" |
-    "single"; None = the measured default of that `routed` (fastdume.models.routing.DEFAULTS;
-    routed="mlp": the paper's token/layer). See fastdume.models.routing.
+    features: "token" | "context" | "context:<half-life>" (ridge on hidden states) | "vocab" |
+    "vocab:<half-life>" (naive Bayes on the tokens, depth "single" only); depth: "layer" |
+    "cumulative" | "single"; None = the measured default of that `routed`
+    (fastdume.models.routing.DEFAULTS; routed="mlp": the paper's token/layer; routed="model":
+    vocab:16/single). See fastdume.models.routing.
     top_k, temperature: routing settings stored in the config. progress: show a progress bar
     (None: only on a terminal).
     Everything is checked before any tensor is merged; a mismatch raises ValueError naming the

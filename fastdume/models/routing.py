@@ -45,7 +45,7 @@ DEPTHS = ("layer", "cumulative", "single")
 FEATURE_KINDS = ("token", "context", "context:<half-life>", "vocab", "vocab:<half-life>")
 PAPER = ("token", "layer")  # the paper's features and depth (routed="mlp" default)
 # The measured defaults (docs/EVAL.md, "Routing the whole model").
-DEFAULTS = {"mlp": ("token", "layer"), "model": ("context", "single")}
+DEFAULTS = {"mlp": ("token", "layer"), "model": ("vocab:16", "single")}
 RMS_EPS = 1e-6
 _CHUNK = 256  # decayed mean: fp64 weights 2^(chunk / half-life) stay finite for half-life >= 1
 
