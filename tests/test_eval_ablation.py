@@ -138,3 +138,20 @@ def test_sequential_whole_model_router0_is_the_oracle_fit(test_zoo, features):
                            **opts)  # fmt: skip
     assert torch.allclose(one.dume_routers()[0].weight, one_seq.dume_routers()[0].weight,
                           atol=1e-5)  # fmt: skip
+
+
+def test_sequential_fit_of_the_vocabulary_router_is_the_oracle_fit(test_zoo):
+    """One router reading token ids: no earlier decision can change its statistics."""
+    from fastdume.eval.build import build_routed
+
+    zoo, tok = test_zoo, load_tokenizer()
+
+    def batches_of(d, split):
+        return batches(tok, d, split, zoo.config["seq_len"], 4)
+
+    experts = [zoo.experts[d] for d in zoo.domains]
+    opts = dict(routed="model", features="vocab:16", depth="single")
+    one = build_routed(experts, zoo.domains, batches_of, 500, PAPER, "oracle", False, **opts)
+    seq = build_routed(experts, zoo.domains, batches_of, 500, PAPER, "sequential", False, **opts)
+    assert torch.equal(one.dume_routers()[0].weight, seq.dume_routers()[0].weight)
+    assert not torch.equal(one.dume_routers()[0].weight[0], one.dume_routers()[0].weight[1])

@@ -187,8 +187,9 @@ def build_routed(experts, domains, batches_of, stats_tokens, solve_kwargs, stats
     if stats_mode == "sequential":
         if getattr(model, "dume_state", None) is None:
             return fit_sequential(model, batches_of, domains, stats_tokens, solve_kwargs, progress)
-        return fit_sequential_routers(model, batches_of, domains, stats_tokens, solve_kwargs,
-                                      progress)  # fmt: skip
+        if len(model.dume_routers()) > 1:  # one router: sequential statistics are the oracle's
+            return fit_sequential_routers(model, batches_of, domains, stats_tokens, solve_kwargs,
+                                          progress)  # fmt: skip
     fit_router(model, oracle_stats(model, batches_of, domains, stats_tokens, progress),
                **solve_kwargs)  # fmt: skip
     return model
