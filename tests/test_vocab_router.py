@@ -127,6 +127,9 @@ def test_statistics_files_round_trip_and_refuse_other_options(experts, tmp_path)
     context_stats = collect_stats(context, "a", domain_batches("a"), progress=False)
     with pytest.raises(ValueError, match=r"\(1, 64\), expected \(1, 256\)"):
         loaded + context_stats
+    unknown = RouterStats(1, VOCAB, ["a"])  # no options recorded: hidden-state statistics
+    with pytest.raises(ValueError, match="holds token counts, these hold hidden-state"):
+        unknown += loaded
 
 
 def test_bad_input_raises_naming_what_is_wrong(experts):

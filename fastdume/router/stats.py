@@ -163,6 +163,11 @@ class RouterStats:
         theirs = (other.num_layers, other.hidden_size)
         if mine != theirs:
             raise ValueError(f"{what} has (num_layers, hidden_size) = {theirs}, expected {mine}")
+        if self.has_gram != other.has_gram:
+            raise ValueError(
+                f"{what} holds {'hidden-state statistics' if other.has_gram else 'token counts'}, "
+                f"these hold {'hidden-state statistics' if self.has_gram else 'token counts'}"
+            )
         if None not in (self.options, other.options) and self.options != other.options:
             raise ValueError(
                 f"{what} was collected with routing options {other.options}, expected "
