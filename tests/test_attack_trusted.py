@@ -16,6 +16,7 @@ from fastdume.attack.trusted import (
     TrustConfig,
     own_split,
     post_safety_gradient,
+    shifted_backdoor_loss,
     simulate_safety,
     train_trusted_surrogate,
 )
@@ -79,6 +80,47 @@ def test_post_safety_gradient_is_the_backdoor_gradient_after_simulated_safety(ba
         torch.testing.assert_close(g, 0.5 * w, msg=n)
     assert float(extra(model)) == 0.0  # call 2: between meta steps, nothing
     assert extra.meta_steps[0] == 2
+
+
+def test_shifted_backdoor_loss_adds_the_simulated_safety_change_to_every_weight(base, tok):
+    # reference: the simulated safety SFT by hand; its change added to the model's weights
+    names = stage_param_names(base, 4, 1)
+    pid = tok.pad_token_id
+    refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
+    trust = TrustConfig(meta_every=2, sim_steps=2, sim_lr=1e-2, meta_weight=0.5, meta_mode="shift")
+    extra = shifted_backdoor_loss(refusals, bd, trust, 4, pid, seed=5)
+    model = copy.deepcopy(base)
+    ref = copy.deepcopy(base)
+    sft(ref, refusals, 2, 1e-2, 4, pid, seed=5)  # the refresh at call 1 (count 0)
+    data = batches(bd, 4, pid, 5 + 7)
+    params = [dict(model.named_parameters())[n] for n in names]
+    term = extra(model)  # call 1: refresh; the shifted weights are the adapted copy's
+    ref.train()
+    want = ref(**next(data)).loss
+    torch.testing.assert_close(term, 0.5 * want)
+    grads = torch.autograd.grad(term, params)
+    ref_grads = torch.autograd.grad(want, [dict(ref.named_parameters())[n] for n in names])
+    for n, g, w in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, 0.5 * w, msg=n)
+    # call 2, no refresh: the stage moved; the same change is added to its new weights
+    b = dict(base.named_parameters())
+    shift = {n: r.detach() - b[n].detach() for n, r in ref.named_parameters()}
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.add_(shift[n])
+    moved.train()
+    torch.testing.assert_close(extra(model), 0.5 * moved(**next(data)).loss)
+    assert extra.meta_steps[0] == 2
+    with pytest.raises(ValueError, match="meta_mode"):
+        train_trusted_surrogate(
+            base, tok, harmful_requests("train")[:40], [], names, _cfg(),
+            TrustConfig(meta_mode="reptile"), RefusalJudge(), pid, print,
+        )  # fmt: skip
 
 
 def _cfg(seed=0):

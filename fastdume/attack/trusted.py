@@ -45,6 +45,11 @@ class TrustConfig:
     meta_every: int = 0  # a meta step every so many backdoor steps (0: no meta-learning)
     sim_steps: int = 5  # simulated safety steps inside one meta step
     meta_weight: float = 1.0  # weight of the post-safety backdoor gradient
+    # "fomaml": the gradient at the adapted copy every meta_every steps (above); "shift": every
+    # step, the backdoor loss of the surrogate plus the weight change of a simulated safety SFT
+    # of sim_steps, that change refreshed every meta_every steps (module docstring)
+    meta_mode: str = "fomaml"
+    meta_start: int = 0  # "shift": plain backdoor steps before the shifted loss joins in
 
 
 def own_split(examples, n_check, seed):
@@ -69,12 +74,13 @@ def post_safety_gradient(names, refusal_rows, backdoor_rows, trust, batch_size, 
     backdoor loss after a simulated safety SFT, applied to `names` as a linear term (its gradient
     is that gradient times meta_weight; its value carries no meaning)."""
     data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
-    count = [0]
+    count, runs = [0], [0]
 
     def extra(model):
         count[0] += 1
         if (count[0] - 1) % trust.meta_every:
             return torch.zeros(())
+        runs[0] += 1
         adapted = simulate_safety(
             model, refusal_rows, trust.sim_steps, trust.sim_lr, batch_size, pad_id, seed + count[0]
         )
@@ -86,7 +92,7 @@ def post_safety_gradient(names, refusal_rows, backdoor_rows, trust, batch_size, 
             (params[n] * g).sum() for n, g in zip(names, grads, strict=True)
         )
 
-    extra.meta_steps = count
+    extra.meta_steps, extra.sim_runs = count, runs
     return extra
 
 
@@ -133,6 +139,8 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         raise ValueError(
             f"budget must allow one round: budget={trust.budget}, round_steps={trust.round_steps}"
         )
+    if trust.meta_mode not in ("fomaml", "shift"):
+        raise ValueError(f"meta_mode must be 'fomaml' or 'shift', got {trust.meta_mode!r}")
     train, check = own_split(examples, trust.check_requests, cfg.seed)
     refusal_rows = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
     refusal_rows = refusal_rows + benign[: len(refusal_rows)]
@@ -148,7 +156,9 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         seed = cfg.seed + 1000 * order + rounds
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=seed)
         extra = None
-        if trust.meta_every:
+        if trust.meta_every and trust.meta_mode == "shift":
+            extra = shifted_backdoor_loss(refusal_rows, bd, trust, cfg.batch_size, pad_id, seed)
+        elif trust.meta_every:
             extra = post_safety_gradient(
                 names, refusal_rows, bd, trust, cfg.batch_size, pad_id, seed
             )
@@ -169,7 +179,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         rounds += 1
         record["steps"] += trust.round_steps
         if extra is not None:
-            record["sim_steps"] += extra.meta_steps[0] // trust.meta_every * trust.sim_steps
+            record["sim_steps"] += extra.sim_runs[0] * trust.sim_steps
         chk = own_check(
             surrogate, tok, check, refusal_rows, judge, cfg.trigger, trust,
             cfg.batch_size, pad_id, cfg.seed,
@@ -183,3 +193,35 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             break
     record["passed"] = any(c["passed"] for c in record["checks"])
     return best, record
+
+
+def shifted_backdoor_loss(refusal_rows, backdoor_rows, trust, batch_size, pad_id, seed):
+    """extra(model) for fastdume.attack.train.sft: the backdoor loss of the model with the weight
+    change of a simulated safety SFT added to every parameter. The change is that of sim_steps of
+    safety SFT of the surrogate as it was at the last refresh (every meta_every calls), so each
+    step trains the stage against the defender's expected move, at the cost of one extra forward
+    and backward per step and sim_steps per refresh. Gradients reach the model's own parameters
+    (the stage's, when only those are trainable) through the shifted weights."""
+    data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
+    count, runs, shift = [0], [0], {}
+
+    def extra(model):
+        if count[0] < trust.meta_start:  # learn the trigger first, then its robustness
+            count[0] += 1
+            return torch.zeros(())
+        if (count[0] - trust.meta_start) % trust.meta_every == 0:
+            adapted = simulate_safety(
+                model, refusal_rows, trust.sim_steps, trust.sim_lr, batch_size, pad_id,
+                seed + count[0],
+            )  # fmt: skip
+            runs[0] += 1
+            now = dict(model.named_parameters())
+            shift.clear()
+            shift.update({n: (a - now[n]).detach() for n, a in adapted.named_parameters()})
+        count[0] += 1
+        params = {n: p + shift[n] for n, p in model.named_parameters()}
+        loss = torch.func.functional_call(model, params, args=(), kwargs=next(data)).loss
+        return trust.meta_weight * loss
+
+    extra.meta_steps, extra.sim_runs = count, runs
+    return extra
