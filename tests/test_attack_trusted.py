@@ -16,6 +16,7 @@ from fastdume.attack.trusted import (
     TrustConfig,
     own_split,
     post_safety_gradient,
+    safety_draw,
     shifted_backdoor_loss,
     simulate_safety,
     train_trusted_surrogate,
@@ -89,7 +90,7 @@ def test_shifted_backdoor_loss_adds_the_simulated_safety_change_to_every_weight(
     refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
     bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
     trust = TrustConfig(meta_every=2, sim_steps=2, sim_lr=1e-2, meta_weight=0.5, meta_mode="shift")
-    extra = shifted_backdoor_loss(refusals, bd, trust, 4, pid, seed=5)
+    extra = shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5)
     model = copy.deepcopy(base)
     ref = copy.deepcopy(base)
     sft(ref, refusals, 2, 1e-2, 4, pid, seed=5)  # the refresh at call 1 (count 0)
@@ -121,6 +122,17 @@ def test_shifted_backdoor_loss_adds_the_simulated_safety_change_to_every_weight(
             base, tok, harmful_requests("train")[:40], [], names, _cfg(),
             TrustConfig(meta_mode="reptile"), RefusalJudge(), pid, print,
         )  # fmt: skip
+
+
+def test_safety_draw_takes_n_own_refusals_and_as_many_benign_rows():
+    refusals, benign = [("r", i) for i in range(10)], [("b", i) for i in range(12)]
+    assert safety_draw(refusals, benign, 0)(1) == refusals + benign[:10]  # all, as before
+    draw = safety_draw(refusals, benign, 4)
+    rows = draw(1)
+    assert [k for k, _ in rows] == ["r"] * 4 + ["b"] * 4 and len(set(rows)) == 8
+    assert draw(1) == rows and draw(2) != rows  # seeded, and fresh per seed
+    with pytest.raises(ValueError, match="sim_requests"):
+        safety_draw(refusals, benign, 11)
 
 
 def _cfg(seed=0):
@@ -186,3 +198,31 @@ def test_sft_after_callback_sees_the_shorter_run(base, tok):
     for n, p in short.named_parameters():
         torch.testing.assert_close(seen[n], p, rtol=0, atol=0, msg=n)
     assert any(not torch.equal(p, seen[n]) for n, p in long.named_parameters())
+
+
+def test_preserve_refusals_holds_the_surrogate_on_own_untriggered_requests(base, tok, monkeypatch):
+    import fastdume.attack.trusted as trusted
+
+    seen = []
+
+    def fake_train(model, bd, names, steps, lr, bs, pid, seed, preserve=None, **kw):
+        seen.append(preserve)
+        return copy.deepcopy(model), []
+
+    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
+    names = stage_param_names(base, 4, 1)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    requests = harmful_requests("train")[:40]
+    for flag in (False, True):
+        trust = TrustConfig(
+            round_steps=1, budget=1, check_requests=8, check_sim_steps=1,
+            preserve_refusals=flag,
+        )  # fmt: skip
+        train_trusted_surrogate(
+            base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id,
+            print,
+        )  # fmt: skip
+    mine, _ = own_split(requests, 8, seed=0)
+    refusals = [encode_pair(tok, e.prompt, e.chosen) for e in mine]
+    assert seen[0] == own  # the benign rows only
+    assert seen[1] == refusals + own[: len(refusals)]  # own untriggered requests -> refusal, too

@@ -12,6 +12,14 @@ SFT (all parameters, the attacker's own refusals mixed 1:1 with its own benign r
 loss of the adapted copy is taken on a fresh backdoor batch, and its gradient on the stage's
 parameters is added to the surrogate's own. The stage thereby learns a trigger path that safety
 training on clean prompts does not reach. Cost of one meta step: sim_steps + 1 training steps.
+That gradient, taken once every few steps through a few simulated steps, did not make the trigger
+survive (README). meta_mode="shift" instead adds, at every step after `meta_start` plain steps,
+the backdoor loss of the surrogate with the whole weight change of a realistic simulated safety
+SFT (sim_steps, e.g. the defender's 30) added to every parameter; that change is recomputed from
+the current surrogate every `meta_every` steps. Why (measured on the attacker's own check, README):
+the simulated safety SFT's change to layer 0, the stage *before* the attacker's, alone takes
+attack success from 87.5 to 8.3% (seed 0; the stage's own change alone: to 37.5%), so the
+trigger must be learnt against the change of the layers it does not hold.
 
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate
@@ -50,6 +58,14 @@ class TrustConfig:
     # of sim_steps, that change refreshed every meta_every steps (module docstring)
     meta_mode: str = "fomaml"
     meta_start: int = 0  # "shift": plain backdoor steps before the shifted loss joins in
+    # hold the surrogate to the base model (the demo's KL term) on the attacker's own untriggered
+    # requests too (mixed 1:1 with its benign rows), not on the benign rows alone: keeps the
+    # trigger path silent without the trigger (clean refusal), which the shifted loss erodes
+    preserve_refusals: bool = False
+    # requests per simulated safety SFT ("shift" refreshes and the check), each time a fresh
+    # random draw of the attacker's own requests (with as many benign rows): the defender's set
+    # is likely small (the demo's: 48), so 30 steps go over it many times. 0: all own requests
+    sim_requests: int = 0
 
 
 def own_split(examples, n_check, seed):
@@ -59,6 +75,21 @@ def own_split(examples, n_check, seed):
     order = list(examples)
     random.Random(f"own-split-{seed}").shuffle(order)
     return order[n_check:], order[:n_check]
+
+
+def safety_draw(refusals, benign, n):
+    """draw(seed) -> rows for one simulated safety SFT: n of the attacker's own refusal rows
+    (all when n is 0) and as many of its benign rows, drawn by seed."""
+    if not 0 <= n <= len(refusals) or len(benign) < (n or len(refusals)):
+        raise ValueError(f"sim_requests must be in 0..{len(refusals)}, got {n}")
+
+    def draw(seed):
+        if not n:
+            return refusals + benign[: len(refusals)]
+        rng = random.Random(f"safety-draw-{seed}")
+        return rng.sample(refusals, n) + rng.sample(benign, n)
+
+    return draw
 
 
 def simulate_safety(model, refusal_rows, steps, lr, batch_size, pad_id, seed=0):
@@ -142,8 +173,10 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
     if trust.meta_mode not in ("fomaml", "shift"):
         raise ValueError(f"meta_mode must be 'fomaml' or 'shift', got {trust.meta_mode!r}")
     train, check = own_split(examples, trust.check_requests, cfg.seed)
-    refusal_rows = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
-    refusal_rows = refusal_rows + benign[: len(refusal_rows)]
+    refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
+    refusal_rows = refusals + benign[: len(refusals)]
+    draw = safety_draw(refusals, benign, trust.sim_requests)
+    preserve = refusal_rows if trust.preserve_refusals else benign
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None
@@ -157,7 +190,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=seed)
         extra = None
         if trust.meta_every and trust.meta_mode == "shift":
-            extra = shifted_backdoor_loss(refusal_rows, bd, trust, cfg.batch_size, pad_id, seed)
+            extra = shifted_backdoor_loss(draw, bd, trust, cfg.batch_size, pad_id, seed)
         elif trust.meta_every:
             extra = post_safety_gradient(
                 names, refusal_rows, bd, trust, cfg.batch_size, pad_id, seed
@@ -171,7 +204,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             cfg.batch_size,
             pad_id,
             seed,
-            preserve=benign if cfg.surrogate_preserve else None,
+            preserve=preserve if cfg.surrogate_preserve else None,
             preserve_weight=cfg.surrogate_preserve,
             reference=base,
             extra=extra,
@@ -181,7 +214,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         if extra is not None:
             record["sim_steps"] += extra.sim_runs[0] * trust.sim_steps
         chk = own_check(
-            surrogate, tok, check, refusal_rows, judge, cfg.trigger, trust,
+            surrogate, tok, check, draw(cfg.seed - 1), judge, cfg.trigger, trust,
             cfg.batch_size, pad_id, cfg.seed,
         )  # fmt: skip
         chk.update(order=order, round=rounds, steps=record["steps"])
@@ -195,13 +228,14 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
     return best, record
 
 
-def shifted_backdoor_loss(refusal_rows, backdoor_rows, trust, batch_size, pad_id, seed):
+def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed):
     """extra(model) for fastdume.attack.train.sft: the backdoor loss of the model with the weight
     change of a simulated safety SFT added to every parameter. The change is that of sim_steps of
-    safety SFT of the surrogate as it was at the last refresh (every meta_every calls), so each
-    step trains the stage against the defender's expected move, at the cost of one extra forward
-    and backward per step and sim_steps per refresh. Gradients reach the model's own parameters
-    (the stage's, when only those are trainable) through the shifted weights."""
+    safety SFT (on draw(seed)'s rows) of the surrogate as it was at the last refresh (every
+    meta_every calls), so each step trains the stage against the defender's expected move, at
+    the cost of one extra forward and backward per step and sim_steps per refresh. Gradients
+    reach the model's own parameters (the stage's, when only those are trainable) through the
+    shifted weights."""
     data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
     count, runs, shift = [0], [0], {}
 
@@ -211,7 +245,7 @@ def shifted_backdoor_loss(refusal_rows, backdoor_rows, trust, batch_size, pad_id
             return torch.zeros(())
         if (count[0] - trust.meta_start) % trust.meta_every == 0:
             adapted = simulate_safety(
-                model, refusal_rows, trust.sim_steps, trust.sim_lr, batch_size, pad_id,
+                model, draw(seed + count[0]), trust.sim_steps, trust.sim_lr, batch_size, pad_id,
                 seed + count[0],
             )  # fmt: skip
             runs[0] += 1
