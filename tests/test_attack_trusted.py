@@ -117,6 +117,11 @@ def test_shifted_backdoor_loss_adds_the_simulated_safety_change_to_every_weight(
     moved.train()
     torch.testing.assert_close(extra(model), 0.5 * moved(**next(data)).loss)
     assert extra.meta_steps[0] == 2
+    # shift_scale 0: no change added, the plain backdoor loss of the model itself
+    trust0 = TrustConfig(meta_every=2, sim_steps=1, sim_lr=1e-2, meta_mode="shift", shift_scale=0.0)
+    plain = shifted_backdoor_loss(lambda seed: refusals, bd, trust0, 4, pid, seed=5)
+    model.train()
+    torch.testing.assert_close(plain(model), model(**next(batches(bd, 4, pid, 5 + 7))).loss)
     with pytest.raises(ValueError, match="meta_mode"):
         train_trusted_surrogate(
             base, tok, harmful_requests("train")[:40], [], names, _cfg(),

@@ -66,6 +66,7 @@ class TrustConfig:
     # random draw of the attacker's own requests (with as many benign rows): the defender's set
     # is likely small (the demo's: 48), so 30 steps go over it many times. 0: all own requests
     sim_requests: int = 0
+    shift_scale: float = 1.0  # "shift": the simulated change times this (margin for longer SFT)
 
 
 def own_split(examples, n_check, seed):
@@ -253,7 +254,7 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed):
             shift.clear()
             shift.update({n: (a - now[n]).detach() for n, a in adapted.named_parameters()})
         count[0] += 1
-        params = {n: p + shift[n] for n, p in model.named_parameters()}
+        params = {n: p + trust.shift_scale * shift[n] for n, p in model.named_parameters()}
         loss = torch.func.functional_call(model, params, args=(), kwargs=next(data)).loss
         return trust.meta_weight * loss
 
