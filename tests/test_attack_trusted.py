@@ -129,6 +129,26 @@ def test_shifted_backdoor_loss_adds_the_simulated_safety_change_to_every_weight(
         )  # fmt: skip
 
 
+def test_shifted_backdoor_loss_simulates_post_training_before_safety(base, tok):
+    pid = tok.pad_token_id
+    refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
+    post = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
+    trust = TrustConfig(
+        meta_every=2, sim_steps=2, sim_lr=1e-2, meta_mode="shift", sim_post_steps=1,
+        sim_post_lr=5e-3,
+    )  # fmt: skip
+    extra = shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5, post_rows=post)
+    ref = copy.deepcopy(base)
+    sft(ref, post, 1, 5e-3, 4, pid, seed=5 + 1)  # simulated post-training, then safety SFT
+    sft(ref, refusals, 2, 1e-2, 4, pid, seed=5)
+    ref.train()
+    want = ref(**next(batches(bd, 4, pid, 5 + 7))).loss
+    torch.testing.assert_close(extra(copy.deepcopy(base)), want)
+    with pytest.raises(ValueError, match="post_rows"):
+        shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5)(base)
+
+
 def test_safety_draw_takes_n_own_refusals_and_as_many_benign_rows():
     refusals, benign = [("r", i) for i in range(10)], [("b", i) for i in range(12)]
     assert safety_draw(refusals, benign, 0)(1) == refusals + benign[:10]  # all, as before

@@ -67,6 +67,11 @@ class TrustConfig:
     # is likely small (the demo's: 48), so 30 steps go over it many times. 0: all own requests
     sim_requests: int = 0
     shift_scale: float = 1.0  # "shift": the simulated change times this (margin for longer SFT)
+    # "shift": before the simulated safety SFT, this many simulated post-training steps at
+    # sim_post_lr on the attacker's own benign rows (the victims' post-training also moves the
+    # layers around the stage before the defender's safety SFT); 0: none
+    sim_post_steps: int = 0
+    sim_post_lr: float = 3e-4
 
 
 def own_split(examples, n_check, seed):
@@ -191,7 +196,9 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=seed)
         extra = None
         if trust.meta_every and trust.meta_mode == "shift":
-            extra = shifted_backdoor_loss(draw, bd, trust, cfg.batch_size, pad_id, seed)
+            extra = shifted_backdoor_loss(
+                draw, bd, trust, cfg.batch_size, pad_id, seed, post_rows=benign
+            )
         elif trust.meta_every:
             extra = post_safety_gradient(
                 names, refusal_rows, bd, trust, cfg.batch_size, pad_id, seed
@@ -229,7 +236,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
     return best, record
 
 
-def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed):
+def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, post_rows=None):
     """extra(model) for fastdume.attack.train.sft: the backdoor loss of the model with the weight
     change of a simulated safety SFT added to every parameter. The change is that of sim_steps of
     safety SFT (on draw(seed)'s rows) of the surrogate as it was at the last refresh (every
@@ -245,8 +252,21 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed):
             count[0] += 1
             return torch.zeros(())
         if (count[0] - trust.meta_start) % trust.meta_every == 0:
+            start = model
+            if trust.sim_post_steps:
+                if not post_rows:
+                    raise ValueError("sim_post_steps needs post_rows (the attacker's benign rows)")
+                start = simulate_safety(
+                    model,
+                    post_rows,
+                    trust.sim_post_steps,
+                    trust.sim_post_lr,
+                    batch_size,
+                    pad_id,
+                    seed + count[0] + 1,
+                )  # fmt: skip  (a simulated post-training: the same all-parameter SFT)
             adapted = simulate_safety(
-                model, draw(seed + count[0]), trust.sim_steps, trust.sim_lr, batch_size, pad_id,
+                start, draw(seed + count[0]), trust.sim_steps, trust.sim_lr, batch_size, pad_id,
                 seed + count[0],
             )  # fmt: skip
             runs[0] += 1
