@@ -220,7 +220,8 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         rounds += 1
         record["steps"] += trust.round_steps
         if extra is not None:
-            record["sim_steps"] += extra.sim_runs[0] * trust.sim_steps
+            post = trust.sim_post_steps if trust.meta_mode == "shift" else 0
+            record["sim_steps"] += extra.sim_runs[0] * (trust.sim_steps + post)
         chk = own_check(
             surrogate, tok, check, draw(cfg.seed - 1), judge, cfg.trigger, trust,
             cfg.batch_size, pad_id, cfg.seed,
@@ -264,7 +265,7 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, 
                     batch_size,
                     pad_id,
                     seed + count[0] + 1,
-                )  # fmt: skip  (a simulated post-training: the same all-parameter SFT)
+                )  # a simulated post-training: the same all-parameter SFT, on benign rows
             adapted = simulate_safety(
                 start, draw(seed + count[0]), trust.sim_steps, trust.sim_lr, batch_size, pad_id,
                 seed + count[0],
