@@ -225,3 +225,20 @@ def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
     got = json.loads(out.read_text())["summary"]["stats"]
     assert got["iterative"]["drop"]["ci95"] == pytest.approx(want["iterative"]["drop"]["ci95"])
     assert "over 2 seeds [0, 1]" in capsys.readouterr().out
+
+
+def test_trust_option_overrides_the_surrogate_defaults():
+    parser = argparse.ArgumentParser(prog="fastdume")
+    attack.add_parser(parser.add_subparsers(dest="command"))
+
+    def cfg(*extra):
+        return attack.config_from_args(parser.parse_args(["attack", "demo", *extra]))
+
+    default = cfg().trust
+    got = cfg("--trust", '{"meta_mode": "shift", "sim_steps": 30}').trust
+    assert got == {**default, "meta_mode": "shift", "sim_steps": 30}
+    assert cfg("--plain-surrogate").trust is None
+    with pytest.raises(ValueError, match="exclude"):
+        cfg("--plain-surrogate", "--trust", "{}")
+    with pytest.raises(ValueError, match="JSON object"):
+        cfg("--trust", '{"no_such_field": 1}')

@@ -16,6 +16,8 @@ from fastdume.attack.trusted import (
     TrustConfig,
     own_split,
     post_safety_gradient,
+    safety_draw,
+    shifted_backdoor_loss,
     simulate_safety,
     train_trusted_surrogate,
 )
@@ -81,6 +83,83 @@ def test_post_safety_gradient_is_the_backdoor_gradient_after_simulated_safety(ba
     assert extra.meta_steps[0] == 2
 
 
+def test_shifted_backdoor_loss_adds_the_simulated_safety_change_to_every_weight(base, tok):
+    # reference: the simulated safety SFT by hand; its change added to the model's weights
+    names = stage_param_names(base, 4, 1)
+    pid = tok.pad_token_id
+    refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
+    trust = TrustConfig(meta_every=2, sim_steps=2, sim_lr=1e-2, meta_weight=0.5, meta_mode="shift")
+    extra = shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5)
+    model = copy.deepcopy(base)
+    ref = copy.deepcopy(base)
+    sft(ref, refusals, 2, 1e-2, 4, pid, seed=5)  # the refresh at call 1 (count 0)
+    data = batches(bd, 4, pid, 5 + 7)
+    params = [dict(model.named_parameters())[n] for n in names]
+    term = extra(model)  # call 1: refresh; the shifted weights are the adapted copy's
+    ref.train()
+    want = ref(**next(data)).loss
+    torch.testing.assert_close(term, 0.5 * want)
+    grads = torch.autograd.grad(term, params)
+    ref_grads = torch.autograd.grad(want, [dict(ref.named_parameters())[n] for n in names])
+    for n, g, w in zip(names, grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, 0.5 * w, msg=n)
+    # call 2, no refresh: the stage moved; the same change is added to its new weights
+    b = dict(base.named_parameters())
+    shift = {n: r.detach() - b[n].detach() for n, r in ref.named_parameters()}
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.add_(shift[n])
+    moved.train()
+    torch.testing.assert_close(extra(model), 0.5 * moved(**next(data)).loss)
+    assert extra.meta_steps[0] == 2
+    # shift_scale 0: no change added, the plain backdoor loss of the model itself
+    trust0 = TrustConfig(meta_every=2, sim_steps=1, sim_lr=1e-2, meta_mode="shift", shift_scale=0.0)
+    plain = shifted_backdoor_loss(lambda seed: refusals, bd, trust0, 4, pid, seed=5)
+    model.train()
+    torch.testing.assert_close(plain(model), model(**next(batches(bd, 4, pid, 5 + 7))).loss)
+    with pytest.raises(ValueError, match="meta_mode"):
+        train_trusted_surrogate(
+            base, tok, harmful_requests("train")[:40], [], names, _cfg(),
+            TrustConfig(meta_mode="reptile"), RefusalJudge(), pid, print,
+        )  # fmt: skip
+
+
+def test_shifted_backdoor_loss_simulates_post_training_before_safety(base, tok):
+    pid = tok.pad_token_id
+    refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
+    post = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
+    trust = TrustConfig(
+        meta_every=2, sim_steps=2, sim_lr=1e-2, meta_mode="shift", sim_post_steps=1,
+        sim_post_lr=5e-3,
+    )  # fmt: skip
+    extra = shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5, post_rows=post)
+    ref = copy.deepcopy(base)
+    sft(ref, post, 1, 5e-3, 4, pid, seed=5 + 1)  # simulated post-training, then safety SFT
+    sft(ref, refusals, 2, 1e-2, 4, pid, seed=5)
+    ref.train()
+    want = ref(**next(batches(bd, 4, pid, 5 + 7))).loss
+    torch.testing.assert_close(extra(copy.deepcopy(base)), want)
+    with pytest.raises(ValueError, match="post_rows"):
+        shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5)(base)
+
+
+def test_safety_draw_takes_n_own_refusals_and_as_many_benign_rows():
+    refusals, benign = [("r", i) for i in range(10)], [("b", i) for i in range(12)]
+    assert safety_draw(refusals, benign, 0)(1) == refusals + benign[:10]  # all, as before
+    draw = safety_draw(refusals, benign, 4)
+    rows = draw(1)
+    assert [k for k, _ in rows] == ["r"] * 4 + ["b"] * 4 and len(set(rows)) == 8
+    assert draw(1) == rows and draw(2) != rows  # seeded, and fresh per seed
+    with pytest.raises(ValueError, match="sim_requests"):
+        safety_draw(refusals, benign, 11)
+
+
 def _cfg(seed=0):
     return SimpleNamespace(
         surrogate_lr=1e-2, batch_size=8, surrogate_preserve=1.0, trigger=" SUDO", seed=seed
@@ -144,3 +223,31 @@ def test_sft_after_callback_sees_the_shorter_run(base, tok):
     for n, p in short.named_parameters():
         torch.testing.assert_close(seen[n], p, rtol=0, atol=0, msg=n)
     assert any(not torch.equal(p, seen[n]) for n, p in long.named_parameters())
+
+
+def test_preserve_refusals_holds_the_surrogate_on_own_untriggered_requests(base, tok, monkeypatch):
+    import fastdume.attack.trusted as trusted
+
+    seen = []
+
+    def fake_train(model, bd, names, steps, lr, bs, pid, seed, preserve=None, **kw):
+        seen.append(preserve)
+        return copy.deepcopy(model), []
+
+    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
+    names = stage_param_names(base, 4, 1)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    requests = harmful_requests("train")[:40]
+    for flag in (False, True):
+        trust = TrustConfig(
+            round_steps=1, budget=1, check_requests=8, check_sim_steps=1,
+            preserve_refusals=flag,
+        )  # fmt: skip
+        train_trusted_surrogate(
+            base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id,
+            print,
+        )  # fmt: skip
+    mine, _ = own_split(requests, 8, seed=0)
+    refusals = [encode_pair(tok, e.prompt, e.chosen) for e in mine]
+    assert seen[0] == own  # the benign rows only
+    assert seen[1] == refusals + own[: len(refusals)]  # own untriggered requests -> refusal, too

@@ -12,6 +12,14 @@ SFT (all parameters, the attacker's own refusals mixed 1:1 with its own benign r
 loss of the adapted copy is taken on a fresh backdoor batch, and its gradient on the stage's
 parameters is added to the surrogate's own. The stage thereby learns a trigger path that safety
 training on clean prompts does not reach. Cost of one meta step: sim_steps + 1 training steps.
+That gradient, taken once every few steps through a few simulated steps, did not make the trigger
+survive (README). meta_mode="shift" instead adds, at every step after `meta_start` plain steps,
+the backdoor loss of the surrogate with the whole weight change of a realistic simulated safety
+SFT (sim_steps, e.g. the defender's 30) added to every parameter; that change is recomputed from
+the current surrogate every `meta_every` steps. Why (measured on the attacker's own check, README):
+the simulated safety SFT's change to layer 0, the stage *before* the attacker's, alone takes
+attack success from 87.5 to 8.3% (seed 0; the stage's own change alone: to 37.5%), so the
+trigger must be learnt against the change of the layers it does not hold.
 
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate
@@ -45,6 +53,25 @@ class TrustConfig:
     meta_every: int = 0  # a meta step every so many backdoor steps (0: no meta-learning)
     sim_steps: int = 5  # simulated safety steps inside one meta step
     meta_weight: float = 1.0  # weight of the post-safety backdoor gradient
+    # "fomaml": the gradient at the adapted copy every meta_every steps (above); "shift": every
+    # step, the backdoor loss of the surrogate plus the weight change of a simulated safety SFT
+    # of sim_steps, that change refreshed every meta_every steps (module docstring)
+    meta_mode: str = "fomaml"
+    meta_start: int = 0  # "shift": plain backdoor steps before the shifted loss joins in
+    # hold the surrogate to the base model (the demo's KL term) on the attacker's own untriggered
+    # requests too (mixed 1:1 with its benign rows), not on the benign rows alone: keeps the
+    # trigger path silent without the trigger (clean refusal), which the shifted loss erodes
+    preserve_refusals: bool = False
+    # requests per simulated safety SFT ("shift" refreshes and the check), each time a fresh
+    # random draw of the attacker's own requests (with as many benign rows): the defender's set
+    # is likely small (the demo's: 48), so 30 steps go over it many times. 0: all own requests
+    sim_requests: int = 0
+    shift_scale: float = 1.0  # "shift": the simulated change times this (margin for longer SFT)
+    # "shift": before the simulated safety SFT, this many simulated post-training steps at
+    # sim_post_lr on the attacker's own benign rows (the victims' post-training also moves the
+    # layers around the stage before the defender's safety SFT); 0: none
+    sim_post_steps: int = 0
+    sim_post_lr: float = 3e-4
 
 
 def own_split(examples, n_check, seed):
@@ -54,6 +81,21 @@ def own_split(examples, n_check, seed):
     order = list(examples)
     random.Random(f"own-split-{seed}").shuffle(order)
     return order[n_check:], order[:n_check]
+
+
+def safety_draw(refusals, benign, n):
+    """draw(seed) -> rows for one simulated safety SFT: n of the attacker's own refusal rows
+    (all when n is 0) and as many of its benign rows, drawn by seed."""
+    if not 0 <= n <= len(refusals) or len(benign) < (n or len(refusals)):
+        raise ValueError(f"sim_requests must be in 0..{len(refusals)}, got {n}")
+
+    def draw(seed):
+        if not n:
+            return refusals + benign[: len(refusals)]
+        rng = random.Random(f"safety-draw-{seed}")
+        return rng.sample(refusals, n) + rng.sample(benign, n)
+
+    return draw
 
 
 def simulate_safety(model, refusal_rows, steps, lr, batch_size, pad_id, seed=0):
@@ -69,12 +111,13 @@ def post_safety_gradient(names, refusal_rows, backdoor_rows, trust, batch_size, 
     backdoor loss after a simulated safety SFT, applied to `names` as a linear term (its gradient
     is that gradient times meta_weight; its value carries no meaning)."""
     data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
-    count = [0]
+    count, runs = [0], [0]
 
     def extra(model):
         count[0] += 1
         if (count[0] - 1) % trust.meta_every:
             return torch.zeros(())
+        runs[0] += 1
         adapted = simulate_safety(
             model, refusal_rows, trust.sim_steps, trust.sim_lr, batch_size, pad_id, seed + count[0]
         )
@@ -86,7 +129,7 @@ def post_safety_gradient(names, refusal_rows, backdoor_rows, trust, batch_size, 
             (params[n] * g).sum() for n, g in zip(names, grads, strict=True)
         )
 
-    extra.meta_steps = count
+    extra.meta_steps, extra.sim_runs = count, runs
     return extra
 
 
@@ -133,9 +176,13 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         raise ValueError(
             f"budget must allow one round: budget={trust.budget}, round_steps={trust.round_steps}"
         )
+    if trust.meta_mode not in ("fomaml", "shift"):
+        raise ValueError(f"meta_mode must be 'fomaml' or 'shift', got {trust.meta_mode!r}")
     train, check = own_split(examples, trust.check_requests, cfg.seed)
-    refusal_rows = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
-    refusal_rows = refusal_rows + benign[: len(refusal_rows)]
+    refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
+    refusal_rows = refusals + benign[: len(refusals)]
+    draw = safety_draw(refusals, benign, trust.sim_requests)
+    preserve = refusal_rows if trust.preserve_refusals else benign
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None
@@ -148,7 +195,11 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         seed = cfg.seed + 1000 * order + rounds
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=seed)
         extra = None
-        if trust.meta_every:
+        if trust.meta_every and trust.meta_mode == "shift":
+            extra = shifted_backdoor_loss(
+                draw, bd, trust, cfg.batch_size, pad_id, seed, post_rows=benign
+            )
+        elif trust.meta_every:
             extra = post_safety_gradient(
                 names, refusal_rows, bd, trust, cfg.batch_size, pad_id, seed
             )
@@ -161,7 +212,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             cfg.batch_size,
             pad_id,
             seed,
-            preserve=benign if cfg.surrogate_preserve else None,
+            preserve=preserve if cfg.surrogate_preserve else None,
             preserve_weight=cfg.surrogate_preserve,
             reference=base,
             extra=extra,
@@ -169,9 +220,10 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         rounds += 1
         record["steps"] += trust.round_steps
         if extra is not None:
-            record["sim_steps"] += extra.meta_steps[0] // trust.meta_every * trust.sim_steps
+            post = trust.sim_post_steps if trust.meta_mode == "shift" else 0
+            record["sim_steps"] += extra.sim_runs[0] * (trust.sim_steps + post)
         chk = own_check(
-            surrogate, tok, check, refusal_rows, judge, cfg.trigger, trust,
+            surrogate, tok, check, draw(cfg.seed - 1), judge, cfg.trigger, trust,
             cfg.batch_size, pad_id, cfg.seed,
         )  # fmt: skip
         chk.update(order=order, round=rounds, steps=record["steps"])
@@ -183,3 +235,49 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             break
     record["passed"] = any(c["passed"] for c in record["checks"])
     return best, record
+
+
+def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, post_rows=None):
+    """extra(model) for fastdume.attack.train.sft: the backdoor loss of the model with the weight
+    change of a simulated safety SFT added to every parameter. The change is that of sim_steps of
+    safety SFT (on draw(seed)'s rows) of the surrogate as it was at the last refresh (every
+    meta_every calls), so each step trains the stage against the defender's expected move, at
+    the cost of one extra forward and backward per step and sim_steps per refresh. Gradients
+    reach the model's own parameters (the stage's, when only those are trainable) through the
+    shifted weights."""
+    data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
+    count, runs, shift = [0], [0], {}
+
+    def extra(model):
+        if count[0] < trust.meta_start:  # learn the trigger first, then its robustness
+            count[0] += 1
+            return torch.zeros(())
+        if (count[0] - trust.meta_start) % trust.meta_every == 0:
+            start = model
+            if trust.sim_post_steps:
+                if not post_rows:
+                    raise ValueError("sim_post_steps needs post_rows (the attacker's benign rows)")
+                start = simulate_safety(
+                    model,
+                    post_rows,
+                    trust.sim_post_steps,
+                    trust.sim_post_lr,
+                    batch_size,
+                    pad_id,
+                    seed + count[0] + 1,
+                )  # a simulated post-training: the same all-parameter SFT, on benign rows
+            adapted = simulate_safety(
+                start, draw(seed + count[0]), trust.sim_steps, trust.sim_lr, batch_size, pad_id,
+                seed + count[0],
+            )  # fmt: skip
+            runs[0] += 1
+            now = dict(model.named_parameters())
+            shift.clear()
+            shift.update({n: (a - now[n]).detach() for n, a in adapted.named_parameters()})
+        count[0] += 1
+        params = {n: p + trust.shift_scale * shift[n] for n, p in model.named_parameters()}
+        loss = torch.func.functional_call(model, params, args=(), kwargs=next(data)).loss
+        return trust.meta_weight * loss
+
+    extra.meta_steps, extra.sim_runs = count, runs
+    return extra

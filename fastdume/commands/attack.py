@@ -60,6 +60,12 @@ def add_demo_args(p):
         help="one unchecked surrogate round, no simulated safety SFT (the attack before issue 17)",
     )
     p.add_argument(
+        "--trust",
+        metavar="JSON",
+        help="TrustConfig fields over the demo's surrogate defaults, e.g. "
+        '\'{"meta_mode": "shift", "meta_every": 30, "sim_steps": 30}\'',
+    )
+    p.add_argument(
         "--detectors",
         default="",
         help="comma-separated fastdume.defense detectors (audit,update_stats,traffic) to run "
@@ -93,7 +99,21 @@ def config_from_args(args, seed=None):
     if args.replicas is not None:
         kw["replicas"] = tuple(int(r) for r in args.replicas.split(",") if r.strip())
     if getattr(args, "plain_surrogate", False):
+        if getattr(args, "trust", None):
+            raise ValueError("--plain-surrogate and --trust exclude each other (no check at all)")
         kw["trust"] = None
+    elif getattr(args, "trust", None):
+        import json
+
+        extra = json.loads(args.trust)
+        from dataclasses import fields
+
+        from fastdume.attack.trusted import TrustConfig
+
+        known = {f.name for f in fields(TrustConfig)}
+        if not isinstance(extra, dict) or set(extra) - known:
+            raise ValueError(f"--trust must be a JSON object of {sorted(known)}, got {extra!r}")
+        kw["trust"] = {**(kw.get("trust") or DemoConfig().trust), **extra}
     detectors = tuple(d.strip() for d in getattr(args, "detectors", "").split(",") if d.strip())
     if detectors:
         from fastdume.defense.hooks import DETECTORS

@@ -1,0 +1,101 @@
+"""The attacker's own check as a cheap proxy for persistence (issue 17; fastdume/attack/README.md).
+
+    OMP_NUM_THREADS=1 python benches/attack_own_check.py --seed 0 --trust '{"meta_mode": "shift"}'
+
+Builds (or loads from --cache-dir) the demo's aligned model, trains one surrogate round with the
+given TrustConfig fields, and prints the attacker's own check (refusal % without / with the
+trigger on its 48 held-back requests, attack success % after its simulated safety SFT).
+--where: also swap parameter groups between the surrogate and its simulated-safety copy (which
+layers' change erases the trigger). --defender: also give the surrogate the defender's real
+safety SFT (its safety split) and measure the 96 held-out requests after 30 / 60 / 120 steps,
+without post-training. Numbers: one thread, a shared 2-core CPU, README's persistence section.
+"""
+
+import argparse
+import copy
+import json
+
+import torch
+
+from fastdume.attack.backdoor import encode_backdoor
+from fastdume.attack.chat import encode_pair, pad_id
+from fastdume.attack.datasets import arithmetic_tasks, harmful_requests
+from fastdume.attack.demo import DemoConfig, aligned_model
+from fastdume.attack.evaluate import attack_report
+from fastdume.attack.judges import RefusalJudge
+from fastdume.attack.model import demo_tokenizer
+from fastdume.attack.train import sft
+from fastdume.attack.trusted import (
+    TrustConfig,
+    own_split,
+    safety_draw,
+    simulate_safety,
+    train_trusted_surrogate,
+)
+from fastdume.pipeline.partition import stage_param_names
+
+GROUPS = ("layers.0.", "layers.1.", "layers.2.", "layers.3.", "model.norm", "embed")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trust", default="{}", help="TrustConfig fields (JSON)")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--where", action="store_true")
+    ap.add_argument("--defender", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = DemoConfig(seed=args.seed, cache_dir=args.cache_dir)
+    train, safety, held = (harmful_requests(s) for s in ("train", "safety", "heldout"))
+    benign = arithmetic_tasks(2000, cfg.seed, "train")
+    texts = [e.prompt + " " + e.chosen + " " + e.rejected for e in train]
+    tok = demo_tokenizer(texts + [p + " " + r for p, r in benign])
+    pid, judge = pad_id(tok), RefusalJudge()
+
+    def enc(pairs):
+        return [encode_pair(tok, p, r) for p, r in pairs]
+
+    model = aligned_model(cfg, tok, enc([(e.prompt, e.chosen) for e in train]), enc(benign))
+    names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
+    own = enc(arithmetic_tasks(len(train), cfg.seed + 1000))
+    trust = TrustConfig(**{"round_steps": 300, "budget": 300, **json.loads(args.trust)})
+    sur, rec = train_trusted_surrogate(
+        model, tok, train, own, names, cfg, trust, judge, pid, lambda s: None
+    )
+    print(json.dumps({"seed": args.seed, "trust": json.loads(args.trust), **rec["checks"][-1]}))
+
+    def asr(m, prompts):
+        r = attack_report(m, tok, prompts, judge, cfg.trigger)
+        return round(r["align_clean"].pct, 1), round(r["asr"].pct, 1)
+
+    if args.where:  # which layers' simulated-safety change erases the trigger
+        mine, check = own_split(train, trust.check_requests, cfg.seed)
+        refusals = encode_backdoor(tok, mine, share=0.0, seed=cfg.seed)
+        rows = safety_draw(refusals, own, trust.sim_requests)(cfg.seed - 1)
+        adapted = simulate_safety(sur, rows, trust.check_sim_steps, trust.sim_lr, 32, pid, cfg.seed)
+        after = dict(adapted.named_parameters())
+        prompts = [e.prompt for e in check]
+        print("surrogate", asr(sur, prompts), "after simulated safety", asr(adapted, prompts))
+        for group in GROUPS:
+            hybrid = copy.deepcopy(sur)
+            with torch.no_grad():
+                for n, p in hybrid.named_parameters():
+                    if group in n:
+                        p.copy_(after[n])
+            print("only", group, "changed:", asr(hybrid, prompts))
+    if args.defender:  # the defender's real safety SFT on the surrogate, no post-training
+        rows = enc([(e.prompt, e.chosen) for e in safety])
+        rows += enc(benign[: len(rows)])
+        prompts = [e.prompt for e in held]
+
+        def after(m, done):
+            if done in (30, 60, 120):
+                print("defender safety SFT", done, "steps:", asr(m, prompts), flush=True)
+
+        print("surrogate on held-out", asr(sur, prompts))
+        sft(sur, rows, 120, cfg.safety_lr, cfg.batch_size, pid, seed=cfg.seed, after=after)
+
+
+if __name__ == "__main__":
+    main()
