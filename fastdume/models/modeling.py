@@ -7,7 +7,8 @@ cache are exactly the family's, and the state dict keeps the dense key names
 
 routed="model" (fastdume.models.routed) instead swaps every Linear, Embedding and RMSNorm of the
 family's decoder for a per-expert version ([E, ...] under the dense key names), adds the routers
-(`routers.N.*`) and their fixed token table (`router_embed.weight`). Options other than the
+(`routers.N.*`) and their fixed token table (`router_embed.weight`; none for the vocabulary
+router, whose one router is [E, vocabulary]). Options other than the
 paper's route through a RoutingState (fastdume.models.routing) shared by the model's modules.
 """
 

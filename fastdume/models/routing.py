@@ -21,7 +21,8 @@ Options (all saved in DumeConfig):
 - depth: "layer" (each router decides its layer alone), "cumulative" (layer l decides on the
   logits summed over the routers 0..l), "single" (one router at the embeddings decides every
   layer; it reads the embedding output for routed="mlp" and, for routed="model", a fixed
-  token table: the mean of the experts' embeddings taken at upcycle time).
+  token table: the mean of the experts' embeddings taken at upcycle time; the vocabulary router
+  reads the token ids).
 
 Router inputs per option ("router layers", the RouterStats layers):
 - routed="mlp", depth layer/cumulative: router l reads layer l's MoE input (L routers);
