@@ -19,11 +19,10 @@ import torch
 
 from fastdume.attack.backdoor import encode_backdoor
 from fastdume.attack.chat import encode_pair, pad_id
-from fastdume.attack.datasets import arithmetic_tasks, harmful_requests
-from fastdume.attack.demo import DemoConfig, aligned_model
+from fastdume.attack.datasets import arithmetic_tasks
+from fastdume.attack.demo import DemoConfig, aligned_model, demo_data
 from fastdume.attack.evaluate import attack_report
 from fastdume.attack.judges import RefusalJudge
-from fastdume.attack.model import demo_tokenizer
 from fastdume.attack.train import sft
 from fastdume.attack.trusted import (
     TrustConfig,
@@ -47,10 +46,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig(seed=args.seed, cache_dir=args.cache_dir)
-    train, safety, held = (harmful_requests(s) for s in ("train", "safety", "heldout"))
-    benign = arithmetic_tasks(2000, cfg.seed, "train")
-    texts = [e.prompt + " " + e.chosen + " " + e.rejected for e in train]
-    tok = demo_tokenizer(texts + [p + " " + r for p, r in benign])
+    train, safety, held, benign, tok = demo_data(cfg)
     pid, judge = pad_id(tok), RefusalJudge()
 
     def enc(pairs):

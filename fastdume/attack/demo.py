@@ -127,17 +127,23 @@ def run_demo(cfg=None, log=print, tokenizer=None, start=None):
         torch.set_num_threads(threads)
 
 
+def demo_data(cfg, tok=None):
+    """The demo's requests by split, its benign arithmetic rows and its tokenizer (built on them
+    unless given) -> (train, safety, heldout, benign, tok)."""
+    train, safety, held = (harmful_requests(s) for s in ("train", "safety", "heldout"))
+    benign = arithmetic_tasks(2000, cfg.seed, "train")
+    texts = [e.prompt + " " + e.chosen + " " + e.rejected for e in train] + [
+        p + " " + r for p, r in benign
+    ]
+    return train, safety, held, benign, demo_tokenizer(texts) if tok is None else tok
+
+
 def _run(cfg, log, tok, start):
     if cfg.engine not in ("pipeline", "simulate"):
         raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
     t0 = time.time()
-    train, safety, held = (harmful_requests(s) for s in ("train", "safety", "heldout"))
-    benign = arithmetic_tasks(2000, cfg.seed, "train")
+    train, safety, held, benign, tok = demo_data(cfg, tok)
     benign_val = arithmetic_tasks(cfg.val_pairs, cfg.seed, "validation")
-    texts = [e.prompt + " " + e.chosen + " " + e.rejected for e in train] + [
-        p + " " + r for p, r in benign
-    ]
-    tok = demo_tokenizer(texts) if tok is None else tok
     pid = pad_id(tok)
     judge = RefusalJudge()
     held_prompts = [e.prompt for e in held][: cfg.eval_prompts]
