@@ -98,11 +98,15 @@ def _collect_local(model, domain, batches, budget, skip_first_token, local, prog
     if local.has_gram:
         step, scope = _forward_step(model, domain, local)
     else:  # the vocabulary router: its statistics are token counts, no forward is needed
-        step, scope = lambda ids, mask, keep: local.update_tokens(ids, domain, keep), None
+
+        def step(ids, mask, keep):
+            local.update_tokens(ids, domain, keep)
+
+        scope = contextlib.nullcontext()
     bar = _progress(progress, budget, domain)
     seen = 0
     try:
-        with torch.no_grad(), scope or contextlib.nullcontext():
+        with torch.no_grad(), scope:
             for batch in batches:
                 ids, mask = _as_batch(batch, device)
                 keep = _token_mask(mask, skip_first_token, _left(budget, seen))
