@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import platform
 import time
@@ -46,6 +47,9 @@ class SmolConfig:
     # Validation batches per domain: task arithmetic's alpha and the training checkpoints.
     val_batches: int = 2
     stats_tokens: int = 4096  # router statistics tokens per domain
+    # Vocabulary routers' statistics are token counts (no forward pass, so data is their only
+    # cost): tokens per domain for those rows; 0 = stats_tokens (the same data as every row).
+    vocab_stats_tokens: int = 0
     # alpha = 1/len(domains) is uniform averaging here (only the MLPs differ from the base).
     alphas: tuple = (0.25, 0.5, 0.75, 1.0)
     router_steps: int = 32  # DUME+ and BTX-style (~6.5 s a step on one core)
@@ -154,19 +158,23 @@ def _dume(cfg, bench, base, paths):
 
 
 def _whole_model_rows(cfg, bench, paths):
-    """routed="model" rows (oracle statistics, the paper's fit), each timed."""
+    """routed="model" rows (oracle statistics, the paper's fit), each timed; vocabulary rows on
+    cfg.vocab_stats_tokens when set (recorded in the row as "stats_tokens")."""
     from fastdume.eval import methods
     from fastdume.eval.build import build_routed
     from fastdume.eval.runner import PAPER
-
-    def build(**options):
-        return build_routed(list(paths.values()), bench.domains, bench.batches_of,
-                            cfg.stats_tokens, PAPER, "oracle", False, **options)  # fmt: skip
+    from fastdume.models.routing import check_options, is_vocab
 
     for features, depth in methods.parse_grid(cfg.model_rows):
+        tokens = cfg.stats_tokens
+        if cfg.vocab_stats_tokens and is_vocab(check_options("model", features, depth)[1]):
+            tokens = cfg.vocab_stats_tokens
+        build = functools.partial(build_routed, list(paths.values()), bench.domains,
+                                  bench.batches_of, tokens, PAPER, "oracle", False)  # fmt: skip
         key = f"whole_model_s[{features or 'default'}/{depth or 'default'}]"
         with _timed(bench.results["timings"], key):
-            methods.whole_model_rows(bench, build, [(features, depth)])
+            for name in methods.whole_model_rows(bench, build, [(features, depth)]):
+                bench.results["methods"][name]["stats_tokens"] = tokens
 
 
 def _changed(start, model):
@@ -236,6 +244,8 @@ def _notes(m):
     """Short description of a row's tuning: alpha, or the training run and its chosen step."""
     if "alpha" in m:
         return f"alpha {m['alpha']:g}"
+    if "stats_tokens" in m:
+        return f"{m['stats_tokens']:,} statistics tokens/domain"
     if "steps" not in m:
         return ""
     chosen = m["selection"]["step"] if m.get("selection") else m["steps"]
