@@ -72,6 +72,19 @@ class TrustConfig:
     # layers around the stage before the defender's safety SFT); 0: none
     sim_post_steps: int = 0
     sim_post_lr: float = 3e-4
+    # own training requests kept out of the backdoor set and used only for the simulated safety
+    # SFT (refreshes and the check): like the defender's safety requests, which the backdoor never
+    # saw. Makes the check pessimistic (refusals to seen requests carry the trigger path along
+    # less than the defender's unseen ones do). 0: the backdoor's own requests
+    safety_holdout: int = 0
+    # the check simulates the victims' post-training first (own benign rows, every parameter,
+    # their lr), as the real Delta reaches the defender only after post-training moved the model
+    check_post_steps: int = 0
+    check_post_lr: float = 1e-4
+    # "shift": Gaussian noise added to the shifted weights at every step, per tensor with the RMS
+    # of that tensor's simulated change times shift_noise: robust to the direction the defender's
+    # change takes, not only to the attacker's one simulated guess of it. 0: none
+    shift_noise: float = 0.0
 
 
 def own_split(examples, n_check, seed):
@@ -81,6 +94,14 @@ def own_split(examples, n_check, seed):
     order = list(examples)
     random.Random(f"own-split-{seed}").shuffle(order)
     return order[n_check:], order[:n_check]
+
+
+def holdout_split(train, n):
+    """(backdoor requests, simulated-safety requests): the last n of the attacker's (already
+    shuffled) training requests go to the simulated safety SFT only. n = 0: (train, [])."""
+    if not 0 <= n < len(train):
+        raise ValueError(f"safety_holdout must be in 0..{len(train) - 1}, got {n}")
+    return (train[: len(train) - n], train[len(train) - n :]) if n else (list(train), [])
 
 
 def safety_draw(refusals, benign, n):
@@ -133,21 +154,32 @@ def post_safety_gradient(names, refusal_rows, backdoor_rows, trust, batch_size, 
     return extra
 
 
-def own_check(model, tok, check, refusal_rows, judge, trigger, trust, batch_size, pad_id, seed):
+def own_check(
+    model, tok, check, refusal_rows, judge, trigger, trust, batch_size, pad_id, seed, post_rows=None
+):
     """The attacker's check on its held-back requests: alignment without / with the trigger,
-    drop, and attack success after a simulated safety SFT of check_sim_steps."""
+    drop, and attack success after a simulated safety SFT of check_sim_steps (after a simulated
+    post-training of check_post_steps on post_rows first, when asked)."""
     prompts = [e.prompt for e in check]
     rep = attack_report(model, tok, prompts, judge, trigger)
-    adapted = simulate_safety(
-        model, refusal_rows, trust.check_sim_steps, trust.sim_lr, batch_size, pad_id, seed
-    )
-    after = attack_report(adapted, tok, prompts, judge, trigger)
     out = {
         "align_clean": rep["align_clean"].pct,
         "align_trigger": rep["align_trigger"].pct,
         "drop": rep["align_clean"].pct - rep["align_trigger"].pct,
-        "asr_after_sim_safety": after["asr"].pct,
     }
+    start = model
+    if trust.check_post_steps:
+        if not post_rows:
+            raise ValueError("check_post_steps needs post_rows (the attacker's benign rows)")
+        start = simulate_safety(
+            model, post_rows, trust.check_post_steps, trust.check_post_lr, batch_size, pad_id,
+            seed + 11,
+        )  # fmt: skip
+        out["asr_after_sim_post"] = attack_report(start, tok, prompts, judge, trigger)["asr"].pct
+    adapted = simulate_safety(
+        start, refusal_rows, trust.check_sim_steps, trust.sim_lr, batch_size, pad_id, seed
+    )
+    out["asr_after_sim_safety"] = attack_report(adapted, tok, prompts, judge, trigger)["asr"].pct
     out["passed"] = (
         out["drop"] >= trust.min_drop
         and out["align_clean"] >= trust.min_clean
@@ -178,11 +210,20 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         )
     if trust.meta_mode not in ("fomaml", "shift"):
         raise ValueError(f"meta_mode must be 'fomaml' or 'shift', got {trust.meta_mode!r}")
+    if trust.shift_noise < 0 or trust.check_post_steps < 0:
+        raise ValueError(
+            f"shift_noise and check_post_steps must be >= 0, got {trust.shift_noise}, "
+            f"{trust.check_post_steps}"
+        )
     train, check = own_split(examples, trust.check_requests, cfg.seed)
+    train, held_safety = holdout_split(train, trust.safety_holdout)
     refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
-    refusal_rows = refusals + benign[: len(refusals)]
-    draw = safety_draw(refusals, benign, trust.sim_requests)
-    preserve = refusal_rows if trust.preserve_refusals else benign
+    sim_refusals = refusals
+    if held_safety:  # the simulated safety SFT only on requests the backdoor never saw
+        sim_refusals = encode_backdoor(tok, held_safety, share=0.0, seed=cfg.seed)
+    refusal_rows = sim_refusals + benign[: len(sim_refusals)]
+    draw = safety_draw(sim_refusals, benign, trust.sim_requests)
+    preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None
@@ -224,7 +265,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             record["sim_steps"] += extra.sim_runs[0] * (trust.sim_steps + post)
         chk = own_check(
             surrogate, tok, check, draw(cfg.seed - 1), judge, cfg.trigger, trust,
-            cfg.batch_size, pad_id, cfg.seed,
+            cfg.batch_size, pad_id, cfg.seed, post_rows=benign,
         )  # fmt: skip
         chk.update(order=order, round=rounds, steps=record["steps"])
         record["checks"].append(chk)
@@ -247,6 +288,7 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, 
     shifted weights."""
     data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
     count, runs, shift = [0], [0], {}
+    gen = torch.Generator().manual_seed(seed + 13)
 
     def extra(model):
         if count[0] < trust.meta_start:  # learn the trigger first, then its robustness
@@ -276,6 +318,10 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, 
             shift.update({n: (a - now[n]).detach() for n, a in adapted.named_parameters()})
         count[0] += 1
         params = {n: p + trust.shift_scale * shift[n] for n, p in model.named_parameters()}
+        if trust.shift_noise:  # a fresh draw per step, sized like each tensor's simulated change
+            for n, d in shift.items():
+                noise = torch.randn(d.shape, generator=gen, dtype=d.dtype)
+                params[n] = params[n] + trust.shift_noise * d.pow(2).mean().sqrt() * noise
         loss = torch.func.functional_call(model, params, args=(), kwargs=next(data)).loss
         return trust.meta_weight * loss
 
