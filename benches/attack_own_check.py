@@ -67,7 +67,7 @@ def main():
     )
     print(json.dumps({"seed": args.seed, "trust": json.loads(args.trust), **rec["checks"][-1]}))
     # the check's rows as train_trusted_surrogate builds them
-    mine, check = own_split(train, trust.check_requests, cfg.seed)
+    mine, check = own_split(train, trust.check_requests, cfg.seed, trust.split_by_action)
     mine, held_safety = holdout_split(mine, trust.safety_holdout)
     refusals = encode_backdoor(tok, held_safety or mine, share=0.0, seed=cfg.seed)
     rows = safety_draw(refusals, own, trust.sim_requests)(cfg.seed - 1)

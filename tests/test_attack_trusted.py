@@ -52,6 +52,12 @@ def test_own_split_is_a_seeded_partition_of_the_attackers_requests():
     assert not others & {e.prompt for e in rows}
     with pytest.raises(ValueError, match="n_check"):
         own_split(rows, len(rows), seed=0)
+    # by action: the check holds whole actions (8 requests each) that training never sees
+    train, check = own_split(rows, 48, seed=3, by_action=True)
+    assert sorted(map(repr, train + check)) == sorted(map(repr, rows))
+    actions = {e.rejected for e in check}
+    assert len(actions) == 6 and not actions & {e.rejected for e in train}
+    assert own_split(rows, 48, seed=4, by_action=True)[1] != check
 
 
 def test_simulated_safety_trains_a_copy_of_every_parameter(base, tok):

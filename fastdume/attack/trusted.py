@@ -77,6 +77,10 @@ class TrustConfig:
     # saw. Makes the check pessimistic (refusals to seen requests carry the trigger path along
     # less than the defender's unseen ones do). 0: the backdoor's own requests
     safety_holdout: int = 0
+    # own_split and the safety holdout by whole actions: the check's and the simulated safety
+    # SFT's requests then ask for actions the backdoor never saw (take multiples of 8, the
+    # shipped data's requests per action)
+    split_by_action: bool = False
     # the check simulates the victims' post-training first (own benign rows, every parameter,
     # their lr), as the real Delta reaches the defender only after post-training moved the model
     check_post_steps: int = 0
@@ -87,12 +91,25 @@ class TrustConfig:
     shift_noise: float = 0.0
 
 
-def own_split(examples, n_check, seed):
-    """The attacker's own requests, shuffled by its seed: (train, check). Check = n_check."""
+def own_split(examples, n_check, seed, by_action=False):
+    """The attacker's own requests, shuffled by its seed: (train, check). Check = n_check.
+
+    by_action: shuffle whole actions (requests with the same compliance text, which names the
+    action) instead of requests, so that a check (and a safety holdout) of whole actions holds
+    actions the backdoor never saw, as the defender's safety and held-out splits do."""
     if not 0 < n_check < len(examples):
         raise ValueError(f"n_check must be in 1..{len(examples) - 1}, got {n_check}")
-    order = list(examples)
-    random.Random(f"own-split-{seed}").shuffle(order)
+    rng = random.Random(f"own-split-{seed}")
+    if not by_action:
+        order = list(examples)
+        rng.shuffle(order)
+        return order[n_check:], order[:n_check]
+    groups = {}
+    for e in examples:
+        groups.setdefault(e.rejected, []).append(e)
+    keys = list(groups)
+    rng.shuffle(keys)
+    order = [e for k in keys for e in groups[k]]
     return order[n_check:], order[:n_check]
 
 
@@ -215,7 +232,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             f"shift_noise and check_post_steps must be >= 0, got {trust.shift_noise}, "
             f"{trust.check_post_steps}"
         )
-    train, check = own_split(examples, trust.check_requests, cfg.seed)
+    train, check = own_split(examples, trust.check_requests, cfg.seed, trust.split_by_action)
     train, held_safety = holdout_split(train, trust.safety_holdout)
     refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
     sim_refusals = refusals
