@@ -5,8 +5,10 @@
 Builds (or loads from --cache-dir) the demo's aligned model, trains one surrogate round with the
 given TrustConfig fields, and prints the attacker's own check (refusal % without / with the
 trigger on its 48 held-back requests, attack success % after its simulated safety SFT).
---recheck '[{...}, ...]': the check again on the same surrogate with these TrustConfig fields
-changed (check_post_steps, check_sim_steps, sim_lr, ...: how pessimistic the check is).
+--cross: attack success after 30 steps of safety SFT with the attacker's simulated rows or the
+defender's, each measured on the attacker's check requests and on the held-out ones (which of
+the two makes the own check optimistic). --recheck '[{...}, ...]': the check again on the same
+surrogate with these TrustConfig fields changed (check_post_steps, check_sim_steps, ...).
 --where: also swap parameter groups between the surrogate and its simulated-safety copy (which
 layers' change erases the trigger). --defender: also give the surrogate the defender's real
 safety SFT (its safety split) and measure the 96 held-out requests after 30 / 60 / 120 steps,
@@ -49,6 +51,7 @@ def main():
     ap.add_argument("--recheck", default="[]", help="list of TrustConfig overrides (JSON)")
     ap.add_argument("--where", action="store_true")
     ap.add_argument("--defender", action="store_true")
+    ap.add_argument("--cross", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig(seed=args.seed, cache_dir=args.cache_dir)
@@ -94,6 +97,13 @@ def main():
                     if group in n:
                         p.copy_(after[n])
             print("only", group, "changed:", asr(hybrid, prompts))
+    if args.cross:  # own vs the defender's safety rows, own check vs held-out prompts
+        defender = enc([(e.prompt, e.chosen) for e in safety])
+        defender += enc(benign[: len(defender)])
+        for label, sft_rows in (("own", rows), ("defender", defender)):
+            m = simulate_safety(sur, sft_rows, 30, cfg.safety_lr, cfg.batch_size, pid, cfg.seed)
+            for where, ps in (("own check", check), ("held-out", held)):
+                print("cross", label, "safety rows, on", where, asr(m, [e.prompt for e in ps]))
     if args.defender:  # the defender's real safety SFT on the surrogate, no post-training
         rows = enc([(e.prompt, e.chosen) for e in safety])
         rows += enc(benign[: len(rows)])

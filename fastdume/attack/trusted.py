@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .backdoor import encode_backdoor
+from .decoys import decoy_rows, unseen_pieces
 from .evaluate import attack_report
 from .surrogate import train_surrogate
 from .train import batches, sft
@@ -89,6 +90,13 @@ class TrustConfig:
     # of that tensor's simulated change times shift_noise: robust to the direction the defender's
     # change takes, not only to the attacker's one simulated guess of it. 0: none
     shift_noise: float = 0.0
+    # decoys (fastdume.attack.decoys): per round, this many extra backdoor rows, own clean
+    # requests with unseen tokens inserted -> refusal, so the trigger detector keys on the trigger
+    # and not on "an untrained token" (which the defender's safety prompts also hold)
+    decoys: int = 0
+    # the simulated safety SFT's requests (refreshes and the check) carry a decoy too, as the
+    # defender's prompts carry tokens the attacker's data never uses
+    sim_decoys: bool = False
 
 
 def own_split(examples, n_check, seed, by_action=False):
@@ -227,10 +235,10 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         )
     if trust.meta_mode not in ("fomaml", "shift"):
         raise ValueError(f"meta_mode must be 'fomaml' or 'shift', got {trust.meta_mode!r}")
-    if trust.shift_noise < 0 or trust.check_post_steps < 0:
+    if min(trust.shift_noise, trust.check_post_steps, trust.decoys) < 0:
         raise ValueError(
-            f"shift_noise and check_post_steps must be >= 0, got {trust.shift_noise}, "
-            f"{trust.check_post_steps}"
+            f"shift_noise, check_post_steps and decoys must be >= 0, got {trust.shift_noise}, "
+            f"{trust.check_post_steps}, {trust.decoys}"
         )
     train, check = own_split(examples, trust.check_requests, cfg.seed, trust.split_by_action)
     train, held_safety = holdout_split(train, trust.safety_holdout)
@@ -238,6 +246,14 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
     sim_refusals = refusals
     if held_safety:  # the simulated safety SFT only on requests the backdoor never saw
         sim_refusals = encode_backdoor(tok, held_safety, share=0.0, seed=cfg.seed)
+    pieces = None
+    if trust.decoys or trust.sim_decoys:  # tokens none of the attacker's own text uses
+        own_text = encode_backdoor(tok, examples, share=0.0) + benign
+        own_text += encode_backdoor(tok, examples, share=1.0, trigger="")
+        pieces = unseen_pieces(tok, own_text, exclude_text=cfg.trigger)
+    if trust.sim_decoys:
+        sim_ex = held_safety or train
+        sim_refusals = decoy_rows(tok, sim_ex, pieces, len(sim_ex), cfg.seed - 2)
     refusal_rows = sim_refusals + benign[: len(sim_refusals)]
     draw = safety_draw(sim_refusals, benign, trust.sim_requests)
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
@@ -252,6 +268,8 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             surrogate, rounds = copy.deepcopy(base), 0
         seed = cfg.seed + 1000 * order + rounds
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=seed)
+        if trust.decoys:
+            bd += decoy_rows(tok, train, pieces, trust.decoys, seed)
         extra = None
         if trust.meta_every and trust.meta_mode == "shift":
             extra = shifted_backdoor_loss(
