@@ -360,3 +360,36 @@ def test_own_check_simulates_post_training_before_safety(base, tok):
     assert (got["asr_after_sim_post"], got["asr_after_sim_safety"]) == (mid, end)
     with pytest.raises(ValueError, match="post_rows"):
         own_check(base, tok, check, refusals, judge, " SUDO", trust, 4, pid, 5)
+
+
+def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, tok, monkeypatch):
+    import fastdume.attack.trusted as trusted
+
+    seen = {}
+
+    def fake_train(model, bd_rows, names, steps, lr, bs, pid, seed, **kw):
+        seen["backdoor"] = bd_rows
+        return copy.deepcopy(model), []
+
+    def fake_check(model, tok, check, refusal_rows, *args, **kw):
+        seen["safety"] = refusal_rows
+        return {"drop": 0.0, "align_clean": 0.0, "asr_after_sim_safety": 0.0, "passed": False}
+
+    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
+    monkeypatch.setattr(trusted, "own_check", fake_check)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    requests, names = harmful_requests("train")[:40], stage_param_names(base, 4, 1)
+    trust = TrustConfig(round_steps=1, budget=1, check_requests=8, decoys=5, sim_decoys=True)
+    train_trusted_surrogate(
+        base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id, print,
+    )  # fmt: skip
+    mine, _ = own_split(requests, 8, seed=0)
+    plain = {_key(encode_pair(tok, e.prompt, e.chosen)) for e in mine}
+    assert len(seen["backdoor"]) == 32 + 5
+    # every simulated safety request carries a decoy: none is an own request as it is
+    assert len(seen["safety"]) == 64 and not {_key(r) for r in seen["safety"][:32]} & plain
+    with pytest.raises(ValueError, match="decoys"):
+        train_trusted_surrogate(
+            base, tok, requests, own, names, _cfg(), TrustConfig(decoys=-1), RefusalJudge(),
+            tok.pad_token_id, print,
+        )  # fmt: skip
