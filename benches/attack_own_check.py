@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trust", default="{}", help="TrustConfig fields (JSON)")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--trigger", default=None, help="the attacker's trigger (default ' SUDO')")
     ap.add_argument("--recheck", default="[]", help="list of TrustConfig overrides (JSON)")
     ap.add_argument("--where", action="store_true")
     ap.add_argument("--defender", action="store_true")
@@ -55,6 +56,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig(seed=args.seed, cache_dir=args.cache_dir)
+    if args.trigger is not None:
+        cfg = dataclasses.replace(cfg, trigger=args.trigger)
     train, safety, held, benign, tok = demo_data(cfg)
     pid, judge = pad_id(tok), RefusalJudge()
 
