@@ -346,7 +346,7 @@ def test_shift_noise_is_a_fresh_draw_sized_like_each_tensors_simulated_change(
 
 def test_own_check_simulates_post_training_before_safety(base, tok):
     pid = tok.pad_token_id
-    check = harmful_requests("train")[:2]  # few prompts: generation is the test's cost
+    check = harmful_requests("train")[:1]  # one prompt: generation is the test's cost
     refusals = encode_backdoor(tok, harmful_requests("train")[6:22], share=0.0)
     post = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
     trust = TrustConfig(check_sim_steps=1, sim_lr=1e-2, check_post_steps=2, check_post_lr=2e-2)
