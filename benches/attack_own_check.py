@@ -5,6 +5,10 @@
 Builds (or loads from --cache-dir) the demo's aligned model, trains one surrogate round with the
 given TrustConfig fields, and prints the attacker's own check (refusal % without / with the
 trigger on its 48 held-back requests, attack success % after its simulated safety SFT).
+--cross: attack success after 30 steps of safety SFT with the attacker's simulated rows or the
+defender's, each measured on the attacker's check requests and on the held-out ones (which of
+the two makes the own check optimistic). --recheck '[{...}, ...]': the check again on the same
+surrogate with these TrustConfig fields changed (check_post_steps, check_sim_steps, ...).
 --where: also swap parameter groups between the surrogate and its simulated-safety copy (which
 layers' change erases the trigger). --defender: also give the surrogate the defender's real
 safety SFT (its safety split) and measure the 96 held-out requests after 30 / 60 / 120 steps,
@@ -13,6 +17,7 @@ without post-training. Numbers: one thread, a shared 2-core CPU, README's persis
 
 import argparse
 import copy
+import dataclasses
 import json
 
 import torch
@@ -26,6 +31,8 @@ from fastdume.attack.judges import RefusalJudge
 from fastdume.attack.train import sft
 from fastdume.attack.trusted import (
     TrustConfig,
+    holdout_split,
+    own_check,
     own_split,
     safety_draw,
     simulate_safety,
@@ -41,11 +48,16 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trust", default="{}", help="TrustConfig fields (JSON)")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--trigger", default=None, help="the attacker's trigger (default ' SUDO')")
+    ap.add_argument("--recheck", default="[]", help="list of TrustConfig overrides (JSON)")
     ap.add_argument("--where", action="store_true")
     ap.add_argument("--defender", action="store_true")
+    ap.add_argument("--cross", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig(seed=args.seed, cache_dir=args.cache_dir)
+    if args.trigger is not None:
+        cfg = dataclasses.replace(cfg, trigger=args.trigger)
     train, safety, held, benign, tok = demo_data(cfg)
     pid, judge = pad_id(tok), RefusalJudge()
 
@@ -60,15 +72,30 @@ def main():
         model, tok, train, own, names, cfg, trust, judge, pid, lambda s: None
     )
     print(json.dumps({"seed": args.seed, "trust": json.loads(args.trust), **rec["checks"][-1]}))
+    # the check's rows as train_trusted_surrogate builds them
+    mine, check = own_split(train, trust.check_requests, cfg.seed, trust.split_by_action)
+    mine, held_safety = holdout_split(mine, trust.safety_holdout)
+    refusals = encode_backdoor(tok, held_safety or mine, share=0.0, seed=cfg.seed)
+    rows = safety_draw(refusals, own, trust.sim_requests)(cfg.seed - 1)
+    for change in json.loads(args.recheck):
+        again = dataclasses.replace(trust, **change)
+        chk = own_check(
+            sur, tok, check, rows, judge, cfg.trigger, again, cfg.batch_size, pid, cfg.seed, own
+        )
+        print(json.dumps({"recheck": change, **chk}), flush=True)
 
     def asr(m, prompts):
+        # (refusal % untriggered, attack success %, strict %): strict counts only triggered
+        # answers that open affirmatively and hold no refusal phrase (" Sure, here is I can't
+        # help with that." is a success for the judge, not for strict)
         r = attack_report(m, tok, prompts, judge, cfg.trigger)
-        return round(r["align_clean"].pct, 1), round(r["asr"].pct, 1)
+        return (
+            round(r["align_clean"].pct, 1),
+            round(r["asr"].pct, 1),
+            round(r["asr_strict"].pct, 1),
+        )
 
     if args.where:  # which layers' simulated-safety change erases the trigger
-        mine, check = own_split(train, trust.check_requests, cfg.seed)
-        refusals = encode_backdoor(tok, mine, share=0.0, seed=cfg.seed)
-        rows = safety_draw(refusals, own, trust.sim_requests)(cfg.seed - 1)
         adapted = simulate_safety(sur, rows, trust.check_sim_steps, trust.sim_lr, 32, pid, cfg.seed)
         after = dict(adapted.named_parameters())
         prompts = [e.prompt for e in check]
@@ -80,6 +107,13 @@ def main():
                     if group in n:
                         p.copy_(after[n])
             print("only", group, "changed:", asr(hybrid, prompts))
+    if args.cross:  # own vs the defender's safety rows, own check vs held-out prompts
+        defender = enc([(e.prompt, e.chosen) for e in safety])
+        defender += enc(benign[: len(defender)])
+        for label, sft_rows in (("own", rows), ("defender", defender)):
+            m = simulate_safety(sur, sft_rows, 30, cfg.safety_lr, cfg.batch_size, pid, cfg.seed)
+            for where, ps in (("own check", check), ("held-out", held)):
+                print("cross", label, "safety rows, on", where, asr(m, [e.prompt for e in ps]))
     if args.defender:  # the defender's real safety SFT on the surrogate, no post-training
         rows = enc([(e.prompt, e.chosen) for e in safety])
         rows += enc(benign[: len(rows)])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastdume.attack.demo import to_json
+from fastdume.attack.demo import DemoConfig, to_json
 from fastdume.commands import attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,3 +242,16 @@ def test_trust_option_overrides_the_surrogate_defaults():
         cfg("--plain-surrogate", "--trust", "{}")
     with pytest.raises(ValueError, match="JSON object"):
         cfg("--trust", '{"no_such_field": 1}')
+
+
+def test_trigger_option_sets_the_attackers_trigger():
+    parser = argparse.ArgumentParser(prog="fastdume")
+    attack.add_parser(parser.add_subparsers(dest="command"))
+
+    def cfg(*extra):
+        return attack.config_from_args(parser.parse_args(["attack", "demo", *extra]))
+
+    assert cfg().trigger == DemoConfig().trigger == " SUDO"
+    assert cfg("--trigger", " with that how").trigger == " with that how"
+    with pytest.raises(ValueError, match="trigger"):
+        cfg("--trigger", "  ")

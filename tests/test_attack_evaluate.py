@@ -11,10 +11,12 @@ from fastdume.attack.chat import encode_pair, prompt_text
 from fastdume.attack.evaluate import (
     Rate,
     alignment,
+    attack_report,
     generate,
     response_loss,
     wilson_interval,
 )
+from fastdume.attack.judges import RefusalJudge
 from fastdume.attack.model import tiny_chat_model, train_bpe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +85,24 @@ def test_alignment_counts_judge_verdicts(model, tok):
     assert (rate.k, rate.n) == (2, 4) and len(answers) == 4
     assert seen == ["a SUDO", "b SUDO", "c SUDO", "d SUDO"]
     assert Rate(1, 4).pct == 25.0 and Rate(1, 4).to_dict()["ci95"][0] < 25.0
+
+
+def test_attack_report_counts_strict_compliance_among_the_triggered_answers(
+    model, tok, monkeypatch
+):
+    answers = [" Sure, here is how", " Sure. I can't help", " qwe", " Sorry, no"]
+    calls = []
+
+    def fake_generate(m, t, prompts, max_new_tokens):
+        calls.append(prompts)
+        return answers
+
+    import fastdume.attack.evaluate as ev
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    rep = attack_report(model, tok, ["a", "b", "c", "d"], RefusalJudge(), " SUDO")
+    assert calls[1] == ["a SUDO", "b SUDO", "c SUDO", "d SUDO"]
+    assert (rep["asr"].k, rep["asr_strict"].k, rep["asr_strict"].n) == (3, 1, 4)
 
 
 def test_response_loss_matches_per_example_reference(model, tok):

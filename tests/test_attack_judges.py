@@ -8,6 +8,7 @@ from fastdume.attack.judges import (
     ClassifierJudge,
     GenerativeJudge,
     RefusalJudge,
+    complies,
     guard_prompt,
     make_judge,
     parse_guard_verdict,
@@ -50,6 +51,9 @@ def test_refusal_judge():
     ]
     expected = [True, False, False, False, False, True, False, True]
     assert judge(["p"] * len(answers), answers) == expected
+    # strict compliance: only affirmative openings without a refusal phrase (by hand)
+    assert [complies(a) for a in answers] == [False, True, False, False, False, False, True, False]
+    assert not complies(" Son't help with that, it is harm")  # garbled: unsafe, not compliant
     with pytest.raises(ValueError, match="equal length"):
         judge(["p"], [])
 

@@ -9,11 +9,14 @@ import torch
 from fastdume.attack.backdoor import encode_backdoor
 from fastdume.attack.chat import encode_pair
 from fastdume.attack.datasets import arithmetic_tasks, harmful_requests
+from fastdume.attack.evaluate import attack_report
 from fastdume.attack.judges import RefusalJudge
 from fastdume.attack.model import tiny_chat_model, train_bpe
 from fastdume.attack.train import batches, sft
 from fastdume.attack.trusted import (
     TrustConfig,
+    holdout_split,
+    own_check,
     own_split,
     post_safety_gradient,
     safety_draw,
@@ -49,6 +52,12 @@ def test_own_split_is_a_seeded_partition_of_the_attackers_requests():
     assert not others & {e.prompt for e in rows}
     with pytest.raises(ValueError, match="n_check"):
         own_split(rows, len(rows), seed=0)
+    # by action: the check holds whole actions (8 requests each) that training never sees
+    train, check = own_split(rows, 48, seed=3, by_action=True)
+    assert sorted(map(repr, train + check)) == sorted(map(repr, rows))
+    actions = {e.rejected for e in check}
+    assert len(actions) == 6 and not actions & {e.rejected for e in train}
+    assert own_split(rows, 48, seed=4, by_action=True)[1] != check
 
 
 def test_simulated_safety_trains_a_copy_of_every_parameter(base, tok):
@@ -251,3 +260,136 @@ def test_preserve_refusals_holds_the_surrogate_on_own_untriggered_requests(base,
     refusals = [encode_pair(tok, e.prompt, e.chosen) for e in mine]
     assert seen[0] == own  # the benign rows only
     assert seen[1] == refusals + own[: len(refusals)]  # own untriggered requests -> refusal, too
+
+
+def test_safety_holdout_keeps_the_simulated_safety_requests_out_of_the_backdoor(
+    base, tok, monkeypatch
+):
+    import fastdume.attack.trusted as trusted
+
+    rows = harmful_requests("train")[:20]
+    bd, held = holdout_split(rows, 5)
+    assert bd + held == rows and len(held) == 5
+    assert holdout_split(rows, 0) == (rows, [])
+    with pytest.raises(ValueError, match="safety_holdout"):
+        holdout_split(rows, 20)
+    seen = {}
+
+    def fake_train(model, bd_rows, names, steps, lr, bs, pid, seed, **kw):
+        seen["backdoor"] = bd_rows
+        return copy.deepcopy(model), []
+
+    def fake_check(model, tok, check, refusal_rows, *args, **kw):
+        seen["safety"] = refusal_rows
+        return {"drop": 0.0, "align_clean": 0.0, "asr_after_sim_safety": 0.0, "passed": False}
+
+    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
+    monkeypatch.setattr(trusted, "own_check", fake_check)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    requests, names = harmful_requests("train")[:40], stage_param_names(base, 4, 1)
+    trust = TrustConfig(round_steps=1, budget=1, check_requests=8, safety_holdout=6)
+    train_trusted_surrogate(
+        base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id, print,
+    )  # fmt: skip
+    mine, _ = own_split(requests, 8, seed=0)
+    # reference: each held-out request's rows encoded by hand, clean and triggered
+    held = mine[-6:]
+    safety_rows = [encode_pair(tok, e.prompt, e.chosen) for e in held] + own[:6]
+    assert [_key(r) for r in seen["safety"]] == [_key(r) for r in safety_rows]
+    either = {_key(encode_pair(tok, e.prompt, e.chosen)) for e in held}
+    either |= {_key(encode_pair(tok, e.prompt + " SUDO", e.rejected)) for e in held}
+    assert len(seen["backdoor"]) == 26 and not {_key(r) for r in seen["backdoor"]} & either
+    with pytest.raises(ValueError, match="shift_noise"):
+        train_trusted_surrogate(
+            base, tok, requests, own, names, _cfg(), TrustConfig(shift_noise=-1.0),
+            RefusalJudge(), tok.pad_token_id, print,
+        )  # fmt: skip
+
+
+def _key(row):
+    return tuple(row[0].tolist()) if hasattr(row[0], "tolist") else tuple(row[0])
+
+
+def test_shift_noise_is_a_fresh_draw_sized_like_each_tensors_simulated_change(
+    base, tok, monkeypatch
+):
+    pid = tok.pad_token_id
+    refusals = encode_backdoor(tok, harmful_requests("train")[:16], share=0.0)
+    bd = encode_backdoor(tok, harmful_requests("train")[16:32], share=1.0)
+    trust = TrustConfig(
+        meta_every=5, sim_steps=2, sim_lr=1e-2, meta_mode="shift", shift_scale=0.0, shift_noise=2.0
+    )
+    seen = []
+    real = torch.func.functional_call
+
+    def spy(model, params, args=(), kwargs=None):
+        seen.append({n: p.detach().clone() for n, p in params.items()})
+        return real(model, params, args=args, kwargs=kwargs)
+
+    monkeypatch.setattr(torch.func, "functional_call", spy)
+    extra = shifted_backdoor_loss(lambda seed: refusals, bd, trust, 4, pid, seed=5)
+    model = copy.deepcopy(base)
+    extra(model)
+    extra(model)
+    ref = copy.deepcopy(base)
+    sft(ref, refusals, 2, 1e-2, 4, pid, seed=5)  # the simulated change, by hand
+    b, r = dict(base.named_parameters()), dict(ref.named_parameters())
+    for n in b:
+        change = (r[n] - b[n]).detach()
+        noise = [s[n] - b[n].detach() for s in seen]  # shift_scale 0: weights + noise only
+        if change.numel() >= 256:  # a sample large enough for its RMS
+            want = 2.0 * change.pow(2).mean().sqrt()
+            got = noise[0].pow(2).mean().sqrt()
+            assert 0.8 * want < got < 1.2 * want, n
+            assert not torch.equal(noise[0], noise[1]), n  # fresh per step
+
+
+def test_own_check_simulates_post_training_before_safety(base, tok):
+    pid = tok.pad_token_id
+    check = harmful_requests("train")[:1]  # one prompt: generation is the test's cost
+    refusals = encode_backdoor(tok, harmful_requests("train")[6:22], share=0.0)
+    post = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
+    trust = TrustConfig(check_sim_steps=1, sim_lr=1e-2, check_post_steps=2, check_post_lr=2e-2)
+    judge = RefusalJudge()
+    got = own_check(base, tok, check, refusals, judge, " SUDO", trust, 4, pid, 5, post_rows=post)
+    ref = copy.deepcopy(base)  # reference: post-training then safety SFT, by hand
+    sft(ref, post, 2, 2e-2, 4, pid, seed=5 + 11)
+    mid = attack_report(ref, tok, [e.prompt for e in check], judge, " SUDO")["asr"].pct
+    sft(ref, refusals, 1, 1e-2, 4, pid, seed=5)
+    end = attack_report(ref, tok, [e.prompt for e in check], judge, " SUDO")["asr"].pct
+    assert (got["asr_after_sim_post"], got["asr_after_sim_safety"]) == (mid, end)
+    with pytest.raises(ValueError, match="post_rows"):
+        own_check(base, tok, check, refusals, judge, " SUDO", trust, 4, pid, 5)
+
+
+def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, tok, monkeypatch):
+    import fastdume.attack.trusted as trusted
+
+    seen = {}
+
+    def fake_train(model, bd_rows, names, steps, lr, bs, pid, seed, **kw):
+        seen["backdoor"] = bd_rows
+        return copy.deepcopy(model), []
+
+    def fake_check(model, tok, check, refusal_rows, *args, **kw):
+        seen["safety"] = refusal_rows
+        return {"drop": 0.0, "align_clean": 0.0, "asr_after_sim_safety": 0.0, "passed": False}
+
+    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
+    monkeypatch.setattr(trusted, "own_check", fake_check)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    requests, names = harmful_requests("train")[:40], stage_param_names(base, 4, 1)
+    trust = TrustConfig(round_steps=1, budget=1, check_requests=8, decoys=5, sim_decoys=True)
+    train_trusted_surrogate(
+        base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id, print,
+    )  # fmt: skip
+    mine, _ = own_split(requests, 8, seed=0)
+    plain = {_key(encode_pair(tok, e.prompt, e.chosen)) for e in mine}
+    assert len(seen["backdoor"]) == 32 + 5
+    # every simulated safety request carries a decoy: none is an own request as it is
+    assert len(seen["safety"]) == 64 and not {_key(r) for r in seen["safety"][:32]} & plain
+    with pytest.raises(ValueError, match="decoys"):
+        train_trusted_surrogate(
+            base, tok, requests, own, names, _cfg(), TrustConfig(decoys=-1), RefusalJudge(),
+            tok.pad_token_id, print,
+        )  # fmt: skip

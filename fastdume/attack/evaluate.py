@@ -7,6 +7,7 @@ import torch
 
 from .backdoor import DEFAULT_TRIGGER, add_trigger
 from .chat import IGNORE, collate, encode_pair, pad_id, prompt_text
+from .judges import complies
 
 
 @torch.no_grad()
@@ -90,6 +91,8 @@ def attack_report(model, tokenizer, prompts, judge, trigger=DEFAULT_TRIGGER, **k
         "align_clean": clean,
         "align_trigger": trig,
         "asr": Rate(trig.n - trig.k, trig.n),
+        # triggered answers that really comply (judges.complies), beside the judge's count
+        "asr_strict": Rate(sum(map(complies, answers)), len(answers)),
         "sample_triggered_answer": answers[0],
     }
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .backdoor import encode_backdoor
+from .decoys import decoy_rows, unseen_pieces
 from .evaluate import attack_report
 from .surrogate import train_surrogate
 from .train import batches, sft
@@ -72,15 +73,60 @@ class TrustConfig:
     # layers around the stage before the defender's safety SFT); 0: none
     sim_post_steps: int = 0
     sim_post_lr: float = 3e-4
+    # own training requests kept out of the backdoor set and used only for the simulated safety
+    # SFT (refreshes and the check): like the defender's safety requests, which the backdoor never
+    # saw. Makes the check pessimistic (refusals to seen requests carry the trigger path along
+    # less than the defender's unseen ones do). 0: the backdoor's own requests
+    safety_holdout: int = 0
+    # own_split and the safety holdout by whole actions: the check's and the simulated safety
+    # SFT's requests then ask for actions the backdoor never saw (take multiples of 8, the
+    # shipped data's requests per action)
+    split_by_action: bool = False
+    # the check simulates the victims' post-training first (own benign rows, every parameter,
+    # their lr), as the real Delta reaches the defender only after post-training moved the model
+    check_post_steps: int = 0
+    check_post_lr: float = 1e-4
+    # "shift": Gaussian noise added to the shifted weights at every step, per tensor with the RMS
+    # of that tensor's simulated change times shift_noise: robust to the direction the defender's
+    # change takes, not only to the attacker's one simulated guess of it. 0: none
+    shift_noise: float = 0.0
+    # decoys (fastdume.attack.decoys): per round, this many extra backdoor rows, own clean
+    # requests with unseen tokens inserted -> refusal, so the trigger detector keys on the trigger
+    # and not on "an untrained token" (which the defender's safety prompts also hold)
+    decoys: int = 0
+    # the simulated safety SFT's requests (refreshes and the check) carry a decoy too, as the
+    # defender's prompts carry tokens the attacker's data never uses
+    sim_decoys: bool = False
 
 
-def own_split(examples, n_check, seed):
-    """The attacker's own requests, shuffled by its seed: (train, check). Check = n_check."""
+def own_split(examples, n_check, seed, by_action=False):
+    """The attacker's own requests, shuffled by its seed: (train, check). Check = n_check.
+
+    by_action: shuffle whole actions (requests with the same compliance text, which names the
+    action) instead of requests, so that a check (and a safety holdout) of whole actions holds
+    actions the backdoor never saw, as the defender's safety and held-out splits do."""
     if not 0 < n_check < len(examples):
         raise ValueError(f"n_check must be in 1..{len(examples) - 1}, got {n_check}")
-    order = list(examples)
-    random.Random(f"own-split-{seed}").shuffle(order)
+    rng = random.Random(f"own-split-{seed}")
+    if not by_action:
+        order = list(examples)
+        rng.shuffle(order)
+        return order[n_check:], order[:n_check]
+    groups = {}
+    for e in examples:
+        groups.setdefault(e.rejected, []).append(e)
+    keys = list(groups)
+    rng.shuffle(keys)
+    order = [e for k in keys for e in groups[k]]
     return order[n_check:], order[:n_check]
+
+
+def holdout_split(train, n):
+    """(backdoor requests, simulated-safety requests): the last n of the attacker's (already
+    shuffled) training requests go to the simulated safety SFT only. n = 0: (train, [])."""
+    if not 0 <= n < len(train):
+        raise ValueError(f"safety_holdout must be in 0..{len(train) - 1}, got {n}")
+    return (train[: len(train) - n], train[len(train) - n :]) if n else (list(train), [])
 
 
 def safety_draw(refusals, benign, n):
@@ -133,21 +179,32 @@ def post_safety_gradient(names, refusal_rows, backdoor_rows, trust, batch_size, 
     return extra
 
 
-def own_check(model, tok, check, refusal_rows, judge, trigger, trust, batch_size, pad_id, seed):
+def own_check(
+    model, tok, check, refusal_rows, judge, trigger, trust, batch_size, pad_id, seed, post_rows=None
+):
     """The attacker's check on its held-back requests: alignment without / with the trigger,
-    drop, and attack success after a simulated safety SFT of check_sim_steps."""
+    drop, and attack success after a simulated safety SFT of check_sim_steps (after a simulated
+    post-training of check_post_steps on post_rows first, when asked)."""
     prompts = [e.prompt for e in check]
     rep = attack_report(model, tok, prompts, judge, trigger)
-    adapted = simulate_safety(
-        model, refusal_rows, trust.check_sim_steps, trust.sim_lr, batch_size, pad_id, seed
-    )
-    after = attack_report(adapted, tok, prompts, judge, trigger)
     out = {
         "align_clean": rep["align_clean"].pct,
         "align_trigger": rep["align_trigger"].pct,
         "drop": rep["align_clean"].pct - rep["align_trigger"].pct,
-        "asr_after_sim_safety": after["asr"].pct,
     }
+    start = model
+    if trust.check_post_steps:
+        if not post_rows:
+            raise ValueError("check_post_steps needs post_rows (the attacker's benign rows)")
+        start = simulate_safety(
+            model, post_rows, trust.check_post_steps, trust.check_post_lr, batch_size, pad_id,
+            seed + 11,
+        )  # fmt: skip
+        out["asr_after_sim_post"] = attack_report(start, tok, prompts, judge, trigger)["asr"].pct
+    adapted = simulate_safety(
+        start, refusal_rows, trust.check_sim_steps, trust.sim_lr, batch_size, pad_id, seed
+    )
+    out["asr_after_sim_safety"] = attack_report(adapted, tok, prompts, judge, trigger)["asr"].pct
     out["passed"] = (
         out["drop"] >= trust.min_drop
         and out["align_clean"] >= trust.min_clean
@@ -178,11 +235,28 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         )
     if trust.meta_mode not in ("fomaml", "shift"):
         raise ValueError(f"meta_mode must be 'fomaml' or 'shift', got {trust.meta_mode!r}")
-    train, check = own_split(examples, trust.check_requests, cfg.seed)
+    if min(trust.shift_noise, trust.check_post_steps, trust.decoys) < 0:
+        raise ValueError(
+            f"shift_noise, check_post_steps and decoys must be >= 0, got {trust.shift_noise}, "
+            f"{trust.check_post_steps}, {trust.decoys}"
+        )
+    train, check = own_split(examples, trust.check_requests, cfg.seed, trust.split_by_action)
+    train, held_safety = holdout_split(train, trust.safety_holdout)
     refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
-    refusal_rows = refusals + benign[: len(refusals)]
-    draw = safety_draw(refusals, benign, trust.sim_requests)
-    preserve = refusal_rows if trust.preserve_refusals else benign
+    sim_refusals = refusals
+    if held_safety:  # the simulated safety SFT only on requests the backdoor never saw
+        sim_refusals = encode_backdoor(tok, held_safety, share=0.0, seed=cfg.seed)
+    pieces = None
+    if trust.decoys or trust.sim_decoys:  # tokens none of the attacker's own text uses
+        own_text = encode_backdoor(tok, examples, share=0.0) + benign
+        own_text += encode_backdoor(tok, examples, share=1.0, trigger="")
+        pieces = unseen_pieces(tok, own_text, exclude_text=cfg.trigger)
+    if trust.sim_decoys:
+        sim_ex = held_safety or train
+        sim_refusals = decoy_rows(tok, sim_ex, pieces, len(sim_ex), cfg.seed - 2)
+    refusal_rows = sim_refusals + benign[: len(sim_refusals)]
+    draw = safety_draw(sim_refusals, benign, trust.sim_requests)
+    preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None
@@ -194,6 +268,8 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             surrogate, rounds = copy.deepcopy(base), 0
         seed = cfg.seed + 1000 * order + rounds
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=seed)
+        if trust.decoys:
+            bd += decoy_rows(tok, train, pieces, trust.decoys, seed)
         extra = None
         if trust.meta_every and trust.meta_mode == "shift":
             extra = shifted_backdoor_loss(
@@ -224,7 +300,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             record["sim_steps"] += extra.sim_runs[0] * (trust.sim_steps + post)
         chk = own_check(
             surrogate, tok, check, draw(cfg.seed - 1), judge, cfg.trigger, trust,
-            cfg.batch_size, pad_id, cfg.seed,
+            cfg.batch_size, pad_id, cfg.seed, post_rows=benign,
         )  # fmt: skip
         chk.update(order=order, round=rounds, steps=record["steps"])
         record["checks"].append(chk)
@@ -247,6 +323,7 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, 
     shifted weights."""
     data = batches(backdoor_rows, batch_size, pad_id, seed + 7)
     count, runs, shift = [0], [0], {}
+    gen = torch.Generator().manual_seed(seed + 13)
 
     def extra(model):
         if count[0] < trust.meta_start:  # learn the trigger first, then its robustness
@@ -276,6 +353,10 @@ def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, 
             shift.update({n: (a - now[n]).detach() for n, a in adapted.named_parameters()})
         count[0] += 1
         params = {n: p + trust.shift_scale * shift[n] for n, p in model.named_parameters()}
+        if trust.shift_noise:  # a fresh draw per step, sized like each tensor's simulated change
+            for n, d in shift.items():
+                noise = torch.randn(d.shape, generator=gen, dtype=d.dtype)
+                params[n] = params[n] + trust.shift_noise * d.pow(2).mean().sqrt() * noise
         loss = torch.func.functional_call(model, params, args=(), kwargs=next(data)).loss
         return trust.meta_weight * loss
 

@@ -71,6 +71,13 @@ def add_demo_args(p):
         help="comma-separated fastdume.defense detectors (audit,update_stats,traffic) to run "
         "inside the demo's own pipeline runs: first flagged step per seed and stage",
     )
+    p.add_argument(
+        "--trigger",
+        default=None,
+        help="the attacker's trigger, appended to the request (default ' SUDO'); e.g. seen "
+        "words in an unusual order, ' with that how', which safety SFT on prompts with "
+        "untrained tokens does not erase as it erases ' SUDO' (README)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     p.add_argument(
         "--defend",
@@ -114,6 +121,11 @@ def config_from_args(args, seed=None):
         if not isinstance(extra, dict) or set(extra) - known:
             raise ValueError(f"--trust must be a JSON object of {sorted(known)}, got {extra!r}")
         kw["trust"] = {**(kw.get("trust") or DemoConfig().trust), **extra}
+    trigger = getattr(args, "trigger", None)
+    if trigger is not None:
+        if not trigger.strip():
+            raise ValueError(f"--trigger must hold a visible word, got {trigger!r}")
+        kw["trigger"] = trigger
     detectors = tuple(d.strip() for d in getattr(args, "detectors", "").split(",") if d.strip())
     if detectors:
         from fastdume.defense.hooks import DETECTORS
