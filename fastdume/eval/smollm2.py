@@ -241,7 +241,8 @@ def run(cfg: SmolConfig) -> dict:
 
 
 def _notes(m):
-    """Short description of a row's tuning: alpha, or the training run and its chosen step."""
+    """Short description of a row's tuning: alpha, a whole-model row's statistics tokens, or the
+    training run and its chosen step."""
     if "alpha" in m:
         return f"alpha {m['alpha']:g}"
     if "stats_tokens" in m:
