@@ -262,17 +262,11 @@ def test_preserve_refusals_holds_the_surrogate_on_own_untriggered_requests(base,
     assert seen[1] == refusals + own[: len(refusals)]  # own untriggered requests -> refusal, too
 
 
-def test_safety_holdout_keeps_the_simulated_safety_requests_out_of_the_backdoor(
-    base, tok, monkeypatch
-):
+def _recorded_round(base, tok, monkeypatch, trust):
+    """One surrogate round with training and the check faked: (backdoor rows, simulated safety
+    rows) as train_trusted_surrogate hands them over, and its requests, benign rows, stage names."""
     import fastdume.attack.trusted as trusted
 
-    rows = harmful_requests("train")[:20]
-    bd, held = holdout_split(rows, 5)
-    assert bd + held == rows and len(held) == 5
-    assert holdout_split(rows, 0) == (rows, [])
-    with pytest.raises(ValueError, match="safety_holdout"):
-        holdout_split(rows, 20)
     seen = {}
 
     def fake_train(model, bd_rows, names, steps, lr, bs, pid, seed, **kw):
@@ -287,10 +281,23 @@ def test_safety_holdout_keeps_the_simulated_safety_requests_out_of_the_backdoor(
     monkeypatch.setattr(trusted, "own_check", fake_check)
     own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
     requests, names = harmful_requests("train")[:40], stage_param_names(base, 4, 1)
-    trust = TrustConfig(round_steps=1, budget=1, check_requests=8, safety_holdout=6)
     train_trusted_surrogate(
         base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id, print,
     )  # fmt: skip
+    return seen, requests, own, names
+
+
+def test_safety_holdout_keeps_the_simulated_safety_requests_out_of_the_backdoor(
+    base, tok, monkeypatch
+):
+    rows = harmful_requests("train")[:20]
+    bd, held = holdout_split(rows, 5)
+    assert bd + held == rows and len(held) == 5
+    assert holdout_split(rows, 0) == (rows, [])
+    with pytest.raises(ValueError, match="safety_holdout"):
+        holdout_split(rows, 20)
+    trust = TrustConfig(round_steps=1, budget=1, check_requests=8, safety_holdout=6)
+    seen, requests, own, names = _recorded_round(base, tok, monkeypatch, trust)
     mine, _ = own_split(requests, 8, seed=0)
     # reference: each held-out request's rows encoded by hand, clean and triggered
     held = mine[-6:]
@@ -363,26 +370,8 @@ def test_own_check_simulates_post_training_before_safety(base, tok):
 
 
 def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, tok, monkeypatch):
-    import fastdume.attack.trusted as trusted
-
-    seen = {}
-
-    def fake_train(model, bd_rows, names, steps, lr, bs, pid, seed, **kw):
-        seen["backdoor"] = bd_rows
-        return copy.deepcopy(model), []
-
-    def fake_check(model, tok, check, refusal_rows, *args, **kw):
-        seen["safety"] = refusal_rows
-        return {"drop": 0.0, "align_clean": 0.0, "asr_after_sim_safety": 0.0, "passed": False}
-
-    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
-    monkeypatch.setattr(trusted, "own_check", fake_check)
-    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
-    requests, names = harmful_requests("train")[:40], stage_param_names(base, 4, 1)
     trust = TrustConfig(round_steps=1, budget=1, check_requests=8, decoys=5, sim_decoys=True)
-    train_trusted_surrogate(
-        base, tok, requests, own, names, _cfg(), trust, RefusalJudge(), tok.pad_token_id, print,
-    )  # fmt: skip
+    seen, requests, own, names = _recorded_round(base, tok, monkeypatch, trust)
     mine, _ = own_split(requests, 8, seed=0)
     plain = {_key(encode_pair(tok, e.prompt, e.chosen)) for e in mine}
     assert len(seen["backdoor"]) == 32 + 5
