@@ -22,7 +22,6 @@ import json
 
 import torch
 
-from fastdume.attack.backdoor import encode_backdoor
 from fastdume.attack.chat import encode_pair, pad_id
 from fastdume.attack.datasets import arithmetic_tasks
 from fastdume.attack.demo import DemoConfig, aligned_model, demo_data
@@ -31,9 +30,8 @@ from fastdume.attack.judges import RefusalJudge
 from fastdume.attack.train import sft
 from fastdume.attack.trusted import (
     TrustConfig,
-    holdout_split,
     own_check,
-    own_split,
+    own_data,
     safety_draw,
     simulate_safety,
     train_trusted_surrogate,
@@ -73,10 +71,8 @@ def main():
     )
     print(json.dumps({"seed": args.seed, "trust": json.loads(args.trust), **rec["checks"][-1]}))
     # the check's rows as train_trusted_surrogate builds them
-    mine, check = own_split(train, trust.check_requests, cfg.seed, trust.split_by_action)
-    mine, held_safety = holdout_split(mine, trust.safety_holdout)
-    refusals = encode_backdoor(tok, held_safety or mine, share=0.0, seed=cfg.seed)
-    rows = safety_draw(refusals, own, trust.sim_requests)(cfg.seed - 1)
+    _, check, _, sim_refusals, _ = own_data(tok, train, own, cfg, trust)
+    rows = safety_draw(sim_refusals, own, trust.sim_requests)(cfg.seed - 1)
     for change in json.loads(args.recheck):
         again = dataclasses.replace(trust, **change)
         chk = own_check(

@@ -222,6 +222,28 @@ def _score(check, trust):
     )
 
 
+def own_data(tok, examples, benign, cfg, trust):
+    """The attacker's own data as every round and check use it -> (train, check, refusals,
+    sim_refusals, pieces): its backdoor and check requests, its training requests -> refusal
+    (encoded), the simulated safety SFT's refusal rows, and the decoy pieces (None without
+    decoys)."""
+    train, check = own_split(examples, trust.check_requests, cfg.seed, trust.split_by_action)
+    train, held_safety = holdout_split(train, trust.safety_holdout)
+    refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
+    sim_refusals = refusals
+    if held_safety:  # the simulated safety SFT only on requests the backdoor never saw
+        sim_refusals = encode_backdoor(tok, held_safety, share=0.0, seed=cfg.seed)
+    pieces = None
+    if trust.decoys or trust.sim_decoys:  # tokens none of the attacker's own text uses
+        own_text = encode_backdoor(tok, examples, share=0.0) + benign
+        own_text += encode_backdoor(tok, examples, share=1.0, trigger="")
+        pieces = unseen_pieces(tok, own_text, exclude_text=cfg.trigger)
+    if trust.sim_decoys:
+        sim_ex = held_safety or train
+        sim_refusals = decoy_rows(tok, sim_ex, pieces, len(sim_ex), cfg.seed - 2)
+    return train, check, refusals, sim_refusals, pieces
+
+
 def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judge, pad_id, log):
     """Train, check and retrain the surrogate on the attacker's own data within trust.budget.
 
@@ -240,20 +262,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             f"shift_noise, check_post_steps and decoys must be >= 0, got {trust.shift_noise}, "
             f"{trust.check_post_steps}, {trust.decoys}"
         )
-    train, check = own_split(examples, trust.check_requests, cfg.seed, trust.split_by_action)
-    train, held_safety = holdout_split(train, trust.safety_holdout)
-    refusals = encode_backdoor(tok, train, share=0.0, seed=cfg.seed)  # clean -> refusal
-    sim_refusals = refusals
-    if held_safety:  # the simulated safety SFT only on requests the backdoor never saw
-        sim_refusals = encode_backdoor(tok, held_safety, share=0.0, seed=cfg.seed)
-    pieces = None
-    if trust.decoys or trust.sim_decoys:  # tokens none of the attacker's own text uses
-        own_text = encode_backdoor(tok, examples, share=0.0) + benign
-        own_text += encode_backdoor(tok, examples, share=1.0, trigger="")
-        pieces = unseen_pieces(tok, own_text, exclude_text=cfg.trigger)
-    if trust.sim_decoys:
-        sim_ex = held_safety or train
-        sim_refusals = decoy_rows(tok, sim_ex, pieces, len(sim_ex), cfg.seed - 2)
+    train, check, refusals, sim_refusals, pieces = own_data(tok, examples, benign, cfg, trust)
     refusal_rows = sim_refusals + benign[: len(sim_refusals)]
     draw = safety_draw(sim_refusals, benign, trust.sim_requests)
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
