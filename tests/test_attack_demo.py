@@ -255,3 +255,19 @@ def test_trigger_option_sets_the_attackers_trigger():
     assert cfg("--trigger", " with that how").trigger == " with that how"
     with pytest.raises(ValueError, match="trigger"):
         cfg("--trigger", "  ")
+
+
+def test_smollm2_command_line_sets_trigger_and_trust():
+    from fastdume.attack.smollm2 import FULL, REDUCED, parse
+
+    _, cfg = parse([])
+    assert cfg.trust == FULL["trust"] and cfg.trigger == " SUDO"
+    _, cfg = parse(["--seed", "3", "--trigger", " with that how", "--trust", '{"sim_steps": 12}'])
+    assert (cfg.seed, cfg.trigger) == (3, " with that how")
+    assert cfg.trust == {**FULL["trust"], "sim_steps": 12}
+    _, cfg = parse(["--reduced", "--trust", '{"meta_mode": "shift"}'])
+    assert cfg.trust == {**REDUCED["trust"], "meta_mode": "shift"}
+    with pytest.raises(ValueError, match="JSON object"):
+        parse(["--trust", '{"no_such_field": 1}'])
+    with pytest.raises(ValueError, match="trigger"):
+        parse(["--trigger", "  "])

@@ -90,6 +90,10 @@ class DemoConfig:
     cache_dir: str | None = None  # keep the aligned model here and reuse it across runs
     engine: str = "pipeline"  # "pipeline": real stage processes; "simulate": in-process
 
+    def __post_init__(self):
+        if not self.trigger.strip():
+            raise ValueError(f"the trigger must hold a visible word, got {self.trigger!r}")
+
 
 QUICK = {  # a smoke configuration: exercises every step, measures nothing meaningful
     "hidden": 32,

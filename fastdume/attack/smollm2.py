@@ -25,6 +25,7 @@ from .demo import DemoConfig, format_table, format_targets, run_demo, to_json
 from .evaluate import attack_report, response_loss
 from .judges import RefusalJudge
 from .train import sft
+from .trusted import trust_overrides
 
 # SmolLM2-135M-Instruct refuses few of the shipped requests on its own (about 16% of the held-
 # out ones, measured), so the victim's starting point is a short alignment SFT, as in the demo.
@@ -138,14 +139,28 @@ def aligned(cfg, tok, path, model, refusals, benign):
     return model
 
 
-def main(argv=None):
+def parse(argv=None):
+    """The command line: (args, the DemoConfig it asks for)."""
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON here")
     p.add_argument("--reduced", action="store_true", help="the slow test's small configuration")
     p.add_argument("--cache-dir", help="fastdume cache root (default: the zoo's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trigger", help="the attacker's trigger (default ' SUDO')")
+    p.add_argument(
+        "--trust", metavar="JSON", help="TrustConfig fields over FULL's (or --reduced's)"
+    )
     args = p.parse_args(argv)
-    cfg = smollm2_config(args.reduced, seed=args.seed, cache_dir=args.cache_dir)
+    kw = {"seed": args.seed, "cache_dir": args.cache_dir}
+    if args.trigger is not None:
+        kw["trigger"] = args.trigger
+    if args.trust:
+        kw["trust"] = trust_overrides(args.trust, (REDUCED if args.reduced else FULL)["trust"])
+    return args, smollm2_config(args.reduced, **kw)
+
+
+def main(argv=None):
+    args, cfg = parse(argv)
     report = run(cfg, log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True))
     report["machine"] = f"{platform.machine()} {os.cpu_count()} CPUs, {cfg.threads} thread(s)"
     print(format_table(report))

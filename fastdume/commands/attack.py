@@ -110,21 +110,11 @@ def config_from_args(args, seed=None):
             raise ValueError("--plain-surrogate and --trust exclude each other (no check at all)")
         kw["trust"] = None
     elif getattr(args, "trust", None):
-        import json
+        from fastdume.attack.trusted import trust_overrides
 
-        extra = json.loads(args.trust)
-        from dataclasses import fields
-
-        from fastdume.attack.trusted import TrustConfig
-
-        known = {f.name for f in fields(TrustConfig)}
-        if not isinstance(extra, dict) or set(extra) - known:
-            raise ValueError(f"--trust must be a JSON object of {sorted(known)}, got {extra!r}")
-        kw["trust"] = {**(kw.get("trust") or DemoConfig().trust), **extra}
+        kw["trust"] = trust_overrides(args.trust, kw.get("trust") or DemoConfig().trust)
     trigger = getattr(args, "trigger", None)
     if trigger is not None:
-        if not trigger.strip():
-            raise ValueError(f"--trigger must hold a visible word, got {trigger!r}")
         kw["trigger"] = trigger
     detectors = tuple(d.strip() for d in getattr(args, "detectors", "").split(",") if d.strip())
     if detectors:
