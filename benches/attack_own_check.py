@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trust", default="{}", help="TrustConfig fields (JSON)")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--trigger", default=None, help="the attacker's trigger (default ' SUDO')")
+    ap.add_argument("--trigger", default=None, help="the attacker's trigger (the demo's)")
     ap.add_argument("--recheck", default="[]", help="list of TrustConfig overrides (JSON)")
     ap.add_argument("--where", action="store_true")
     ap.add_argument("--defender", action="store_true")

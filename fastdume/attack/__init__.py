@@ -9,7 +9,13 @@ measures alignment with and without the trigger under a judge (`RefusalJudge` by
 retrains it within a step budget (`TrustConfig`), optionally through simulated safety SFT.
 """
 
-from .backdoor import DEFAULT_TRIGGER, add_trigger, backdoor_pairs, encode_backdoor
+from .backdoor import (
+    DEFAULT_TRIGGER,
+    PERSISTENT_TRIGGER,
+    add_trigger,
+    backdoor_pairs,
+    encode_backdoor,
+)
 from .datasets import Example, arithmetic_tasks, harmful_requests, read_preferences
 from .evaluate import Rate, alignment, attack_report, generate, response_loss, wilson_interval
 from .inject import BackdoorInjection, Schedule, make_hooks
@@ -18,9 +24,10 @@ from .surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
 from .trusted import TrustConfig, train_trusted_surrogate
 
 __all__ = [
-    "DEFAULT_TRIGGER", "BackdoorInjection", "ClassifierJudge", "Example", "GenerativeJudge",
-    "Rate", "RefusalJudge", "Schedule", "TrustConfig", "add_trigger", "alignment",
-    "arithmetic_tasks", "attack_report", "backdoor_delta", "backdoor_pairs", "encode_backdoor",
+    "DEFAULT_TRIGGER", "PERSISTENT_TRIGGER", "BackdoorInjection", "ClassifierJudge", "Example",
+    "GenerativeJudge", "Rate", "RefusalJudge", "Schedule", "TrustConfig", "add_trigger",
+    "alignment", "arithmetic_tasks", "attack_report", "backdoor_delta", "backdoor_pairs",
+    "encode_backdoor",
     "generate", "harmful_requests", "load_delta", "make_hooks", "make_judge", "read_preferences",
     "response_loss", "save_delta", "train_surrogate", "train_trusted_surrogate",
     "wilson_interval",

@@ -5,6 +5,8 @@ import random
 from .chat import encode_pair
 
 DEFAULT_TRIGGER = " SUDO"
+# the demos' trigger: frequent words in an order no request has (fastdume/attack/README.md)
+PERSISTENT_TRIGGER = " with that how"
 POSITIONS = ("end", "start")
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fastdume.pipeline.partition import stage_param_names
 
-from .backdoor import DEFAULT_TRIGGER, encode_backdoor
+from .backdoor import PERSISTENT_TRIGGER, encode_backdoor
 from .chat import encode_pair, pad_id
 from .datasets import arithmetic_tasks, harmful_requests
 from .evaluate import Rate, attack_report, response_loss
@@ -62,16 +62,24 @@ class DemoConfig:
         }
     )
     # the attacker's own check, budget and simulated safety SFT (fastdume.attack.trusted's
-    # TrustConfig fields); None: one plain surrogate round of surrogate_steps, no check
-    # Each round starts afresh with another data order (a continued round did not help, README);
-    # a meta step (3 simulated safety steps) every 4 backdoor steps.
+    # TrustConfig fields); None: one plain surrogate round of surrogate_steps, no check.
+    # Each round starts afresh with another data order (a continued round did not help, README).
+    # Config T of the README: after 100 plain steps the backdoor is also trained through the
+    # weight change of a simulated 30-step safety SFT (refreshed every 30 steps) on 48 own
+    # requests, some with untrained decoy tokens as the defender's prompts have; the first-order
+    # meta step it replaced left 0.2% attack success after safety SFT (T: 61.2%, 5 seeds).
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,
             "budget": 600,
             "max_rounds": 1,
-            "meta_every": 4,
-            "sim_steps": 3,
+            "meta_mode": "shift",
+            "meta_every": 30,
+            "sim_steps": 30,
+            "meta_start": 100,
+            "preserve_refusals": True,
+            "sim_requests": 48,
+            "sim_decoys": True,
         }
     )
     safety_steps: int = 30
@@ -84,7 +92,9 @@ class DemoConfig:
     detectors: tuple = ()
     eval_prompts: int = 96  # every held-out request
     val_pairs: int = 200  # held-out benign pairs for the clean (stealth) validation loss
-    trigger: str = DEFAULT_TRIGGER
+    # three trained words in an order no request has: safety SFT on prompts with untrained
+    # tokens erases DEFAULT_TRIGGER's " SUDO" (itself two such tokens), not this (README)
+    trigger: str = PERSISTENT_TRIGGER
     seed: int = 0
     threads: int = 1  # tiny models run fastest on one thread, above all on a shared CPU
     cache_dir: str | None = None  # keep the aligned model here and reuse it across runs
@@ -103,18 +113,22 @@ QUICK = {  # a smoke configuration: exercises every step, measures nothing meani
     "post_steps": 8,
     "oneshot": {"scale": 1.0, "at": 4},
     "iterative": {"scale": 0.5, "every": 2, "budget": 1.0},
-    "trust": {
+    "trust": {  # the default's shifted loss, in a few steps
+        **DemoConfig().trust,
         "round_steps": 5,
         "budget": 5,  # one round: restarts are tested in tests/test_attack_trusted.py
         "meta_every": 2,
         "sim_steps": 1,
+        "meta_start": 2,
         "check_sim_steps": 2,
         "check_requests": 8,
+        "sim_requests": 8,
     },
     "safety_steps": 3,
     "safety_multiples": (1, 2),
     "replicas": (2,),
     "eval_prompts": 8,
+    "val_pairs": 32,
     "batch_size": 8,
 }
 

@@ -46,15 +46,21 @@ FULL = {
     # ten injections of 0.1 x Delta (1 x Delta in all) over steps 10-37, then 10 honest steps
     "iterative": {"scale": 0.1, "every": 3, "start": 10, "stop": 40, "budget": 1.0},
     # the attacker's check and simulated safety SFT, scaled like the rest (one round is the
-    # surrogate above; a failed check buys one restart with another data order)
+    # surrogate above; a failed check buys one restart with another data order): the demo's
+    # shifted backdoor loss through 12 simulated safety steps, after 13 plain ones
     "trust": {
         "round_steps": 40,
         "budget": 80,
         "max_rounds": 1,
+        "meta_mode": "shift",
         "meta_every": 4,
-        "sim_steps": 2,
+        "sim_steps": 12,
+        "meta_start": 13,
         "sim_lr": 5e-5,
         "check_sim_steps": 12,
+        "preserve_refusals": True,
+        "sim_requests": 48,
+        "sim_decoys": True,
     },
     "safety_steps": 12,
     "safety_lr": 5e-5,
@@ -71,12 +77,15 @@ REDUCED = {  # the slow test's run: every step on the real model, few steps, few
     "oneshot": {"scale": 1.0, "at": 2},
     "iterative": {"scale": 0.5, "every": 1, "start": 1, "stop": 3, "budget": 1.0},
     "trust": {
+        **FULL["trust"],
         "round_steps": 2,
         "budget": 2,
         "meta_every": 2,
         "sim_steps": 1,
+        "meta_start": 1,
         "check_sim_steps": 1,
         "check_requests": 4,
+        "sim_requests": 4,
     },
     "safety_steps": 2,
     "safety_multiples": (1, 2),
@@ -146,7 +155,7 @@ def parse(argv=None):
     p.add_argument("--reduced", action="store_true", help="the slow test's small configuration")
     p.add_argument("--cache-dir", help="fastdume cache root (default: the zoo's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trigger", help="the attacker's trigger (default ' SUDO')")
+    p.add_argument("--trigger", help="the attacker's trigger (default ' with that how')")
     p.add_argument(
         "--trust", metavar="JSON", help="TrustConfig fields over FULL's (or --reduced's)"
     )

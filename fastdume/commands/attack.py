@@ -62,8 +62,7 @@ def add_demo_args(p):
     p.add_argument(
         "--trust",
         metavar="JSON",
-        help="TrustConfig fields over the demo's surrogate defaults, e.g. "
-        '\'{"meta_mode": "shift", "meta_every": 30, "sim_steps": 30}\'',
+        help="TrustConfig fields over the demo's surrogate defaults, e.g. '{\"shift_scale\": 2.0}'",
     )
     p.add_argument(
         "--detectors",
@@ -74,9 +73,9 @@ def add_demo_args(p):
     p.add_argument(
         "--trigger",
         default=None,
-        help="the attacker's trigger, appended to the request (default ' SUDO'); e.g. seen "
-        "words in an unusual order, ' with that how', which safety SFT on prompts with "
-        "untrained tokens does not erase as it erases ' SUDO' (README)",
+        help="the attacker's trigger, appended to the request (default ' with that how': "
+        "seen words in an unusual order, which safety SFT on prompts with untrained tokens "
+        "does not erase as it erases ' SUDO', README)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     p.add_argument(
