@@ -67,7 +67,8 @@ class DemoConfig:
     # Config T of the README: after 100 plain steps the backdoor is also trained through the
     # weight change of a simulated 30-step safety SFT (refreshed every 30 steps) on 48 own
     # requests, some with untrained decoy tokens as the defender's prompts have; the first-order
-    # meta step it replaced left 0.2% attack success after safety SFT (T: 61.2%, 5 seeds).
+    # meta step it replaced left 0.2% attack success after safety SFT (T: 61.2% and 34.8% over 5
+    # seeds on two machines).
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,
