@@ -27,8 +27,7 @@ __all__ = [
     "DEFAULT_TRIGGER", "PERSISTENT_TRIGGER", "BackdoorInjection", "ClassifierJudge", "Example",
     "GenerativeJudge", "Rate", "RefusalJudge", "Schedule", "TrustConfig", "add_trigger",
     "alignment", "arithmetic_tasks", "attack_report", "backdoor_delta", "backdoor_pairs",
-    "encode_backdoor",
-    "generate", "harmful_requests", "load_delta", "make_hooks", "make_judge", "read_preferences",
-    "response_loss", "save_delta", "train_surrogate", "train_trusted_surrogate",
-    "wilson_interval",
+    "encode_backdoor", "generate", "harmful_requests", "load_delta", "make_hooks", "make_judge",
+    "read_preferences", "response_loss", "save_delta", "train_surrogate",
+    "train_trusted_surrogate", "wilson_interval",
 ]  # fmt: skip
