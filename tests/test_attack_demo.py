@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastdume.attack.demo import DemoConfig, to_json
+from fastdume.attack.demo import QUICK, DemoConfig, to_json
 from fastdume.commands import attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -246,6 +246,30 @@ def test_trust_option_overrides_the_surrogate_defaults():
         cfg("--plain-surrogate", "--trust", "{}")
     with pytest.raises(ValueError, match="JSON object"):
         cfg("--trust", '{"no_such_field": 1}')
+
+
+def test_schedule_options_override_the_injection_defaults():
+    from fastdume.attack.inject import Schedule
+
+    parser = argparse.ArgumentParser(prog="fastdume")
+    attack.add_parser(parser.add_subparsers(dest="command"))
+
+    def cfg(*extra):
+        return attack.config_from_args(parser.parse_args(["attack", "demo", *extra]))
+
+    default = DemoConfig()
+    got = cfg("--iterative", '{"scale": 0.0625, "budget": 1.25}')
+    assert got.iterative == {**default.iterative, "scale": 0.0625, "budget": 1.25}
+    assert got.oneshot == default.oneshot
+    coefs = Schedule(mode="iterative", **got.iterative).coefficients(default.post_steps)
+    assert sum(coefs) == pytest.approx(1.25) and max(coefs) == 0.0625
+    assert cfg("--oneshot", '{"at": 50}').oneshot == {**default.oneshot, "at": 50}
+    quick = cfg("--quick", "--oneshot", '{"scale": 0.5}').oneshot
+    assert quick == {**QUICK["oneshot"], "scale": 0.5}
+    with pytest.raises(ValueError, match="--iterative must be a JSON object"):
+        cfg("--iterative", '{"mode": "oneshot"}')
+    with pytest.raises(ValueError, match="every"):
+        cfg("--oneshot", '{"every": 0}')
 
 
 def test_trigger_option_sets_the_attackers_trigger():

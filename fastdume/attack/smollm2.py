@@ -24,8 +24,9 @@ from fastdume._atomic import publish_directory, write_json
 from .demo import DemoConfig, format_table, format_targets, run_demo, to_json
 from .evaluate import attack_report, response_loss
 from .judges import RefusalJudge
+from .options import json_overrides
 from .train import sft
-from .trusted import trust_overrides
+from .trusted import TrustConfig
 
 # SmolLM2-135M-Instruct refuses few of the shipped requests on its own (about 16% of the held-
 # out ones, measured), so the victim's starting point is a short alignment SFT, as in the demo.
@@ -164,7 +165,8 @@ def parse(argv=None):
     if args.trigger is not None:
         kw["trigger"] = args.trigger
     if args.trust:
-        kw["trust"] = trust_overrides(args.trust, (REDUCED if args.reduced else FULL)["trust"])
+        base = (REDUCED if args.reduced else FULL)["trust"]
+        kw["trust"] = json_overrides(args.trust, base, TrustConfig, "--trust")
     return args, smollm2_config(args.reduced, **kw)
 
 

@@ -28,9 +28,8 @@ surrogate passes, the one with the best check is kept and the record says so.
 """
 
 import copy
-import json
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -98,15 +97,6 @@ class TrustConfig:
     # the simulated safety SFT's requests (refreshes and the check) carry a decoy too, as the
     # defender's prompts carry tokens the attacker's data never uses
     sim_decoys: bool = False
-
-
-def trust_overrides(text, base):
-    """A `--trust` JSON object of TrustConfig fields laid over the trust dict `base`."""
-    extra = json.loads(text)
-    known = {f.name for f in fields(TrustConfig)}
-    if not isinstance(extra, dict) or set(extra) - known:
-        raise ValueError(f"--trust must be a JSON object of {sorted(known)}, got {extra!r}")
-    return {**base, **extra}
 
 
 def own_split(examples, n_check, seed, by_action=False):

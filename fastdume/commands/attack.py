@@ -64,6 +64,15 @@ def add_demo_args(p):
         metavar="JSON",
         help="TrustConfig fields over the demo's surrogate defaults, e.g. '{\"shift_scale\": 2.0}'",
     )
+    for name, example in (
+        ("oneshot", '{"at": 50}'),
+        ("iterative", '{"scale": 0.0625, "budget": 1.25}'),
+    ):
+        p.add_argument(
+            f"--{name}",
+            metavar="JSON",
+            help=f"Schedule fields over the demo's {name} injection, e.g. '{example}'",
+        )
     p.add_argument(
         "--detectors",
         default="",
@@ -96,6 +105,8 @@ def parse_seeds(args):
 
 def config_from_args(args, seed=None):
     from fastdume.attack.demo import QUICK, DemoConfig
+    from fastdume.attack.inject import Schedule
+    from fastdume.attack.options import json_overrides
 
     kw = dict(QUICK) if args.quick else {}
     seed = args.seed if seed is None else seed
@@ -109,9 +120,16 @@ def config_from_args(args, seed=None):
             raise ValueError("--plain-surrogate and --trust exclude each other (no check at all)")
         kw["trust"] = None
     elif getattr(args, "trust", None):
-        from fastdume.attack.trusted import trust_overrides
+        from fastdume.attack.trusted import TrustConfig
 
-        kw["trust"] = trust_overrides(args.trust, kw.get("trust") or DemoConfig().trust)
+        kw["trust"] = json_overrides(
+            args.trust, kw.get("trust") or DemoConfig().trust, TrustConfig, "--trust"
+        )
+    for name in ("oneshot", "iterative"):
+        if getattr(args, name, None):
+            base = kw.get(name) or getattr(DemoConfig(), name)
+            kw[name] = json_overrides(getattr(args, name), base, Schedule, f"--{name}", ("mode",))
+            Schedule(mode=name, **kw[name])  # Schedule's own checks, before any training
     trigger = getattr(args, "trigger", None)
     if trigger is not None:
         kw["trigger"] = trigger
