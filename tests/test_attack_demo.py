@@ -11,9 +11,19 @@ from fastdume.commands import attack
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_quick_demo_through_the_cli_module(tmp_path, capsys):
+def attack_parser():
     parser = argparse.ArgumentParser(prog="fastdume")
     attack.add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def demo_cfg(*extra):
+    """The DemoConfig `fastdume attack demo *extra` asks for."""
+    return attack.config_from_args(attack_parser().parse_args(["attack", "demo", *extra]))
+
+
+def test_quick_demo_through_the_cli_module(tmp_path, capsys):
+    parser = attack_parser()
     out = tmp_path / "report.json"
     args = parser.parse_args(
         ["attack", "demo", "--quick", "--engine", "simulate", "--json", str(out)]
@@ -123,8 +133,7 @@ def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsy
         return {**_fake_report(cfg.seed, 10 + cfg.seed, 1.0), "config": {"seed": cfg.seed}}
 
     monkeypatch.setattr(demo, "run_demo", fake_run)
-    parser = argparse.ArgumentParser(prog="fastdume")
-    attack.add_parser(parser.add_subparsers(dest="command"))
+    parser = attack_parser()
     out = tmp_path / "seeds.json"
     args = parser.parse_args(["attack", "demo", "--seeds", "3,5, 7", "--json", str(out)])
     assert args.run(args) == 0
@@ -220,8 +229,7 @@ def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
     for r in reports:
         paths.append(tmp_path / f"s{r['config']['seed']}.json")
         paths[-1].write_text(json.dumps(to_json(r)))
-    parser = argparse.ArgumentParser(prog="fastdume")
-    attack.add_parser(parser.add_subparsers(dest="command"))
+    parser = attack_parser()
     out = tmp_path / "summary.json"
     args = parser.parse_args(["attack", "summary", *map(str, paths), "--json", str(out)])
     assert args.run(args) == 0
@@ -232,57 +240,39 @@ def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
 
 
 def test_trust_option_overrides_the_surrogate_defaults():
-    parser = argparse.ArgumentParser(prog="fastdume")
-    attack.add_parser(parser.add_subparsers(dest="command"))
-
-    def cfg(*extra):
-        return attack.config_from_args(parser.parse_args(["attack", "demo", *extra]))
-
-    default = cfg().trust
-    got = cfg("--trust", '{"meta_mode": "fomaml", "sim_steps": 3}').trust
+    default = demo_cfg().trust
+    got = demo_cfg("--trust", '{"meta_mode": "fomaml", "sim_steps": 3}').trust
     assert got == {**default, "meta_mode": "fomaml", "sim_steps": 3} != default
-    assert cfg("--plain-surrogate").trust is None
+    assert demo_cfg("--plain-surrogate").trust is None
     with pytest.raises(ValueError, match="exclude"):
-        cfg("--plain-surrogate", "--trust", "{}")
+        demo_cfg("--plain-surrogate", "--trust", "{}")
     with pytest.raises(ValueError, match="JSON object"):
-        cfg("--trust", '{"no_such_field": 1}')
+        demo_cfg("--trust", '{"no_such_field": 1}')
 
 
 def test_schedule_options_override_the_injection_defaults():
     from fastdume.attack.inject import Schedule
 
-    parser = argparse.ArgumentParser(prog="fastdume")
-    attack.add_parser(parser.add_subparsers(dest="command"))
-
-    def cfg(*extra):
-        return attack.config_from_args(parser.parse_args(["attack", "demo", *extra]))
-
     default = DemoConfig()
-    got = cfg("--iterative", '{"scale": 0.0625, "budget": 1.25}')
+    got = demo_cfg("--iterative", '{"scale": 0.0625, "budget": 1.25}')
     assert got.iterative == {**default.iterative, "scale": 0.0625, "budget": 1.25}
     assert got.oneshot == default.oneshot
     coefs = Schedule(mode="iterative", **got.iterative).coefficients(default.post_steps)
     assert sum(coefs) == pytest.approx(1.25) and max(coefs) == 0.0625
-    assert cfg("--oneshot", '{"at": 50}').oneshot == {**default.oneshot, "at": 50}
-    quick = cfg("--quick", "--oneshot", '{"scale": 0.5}').oneshot
+    assert demo_cfg("--oneshot", '{"at": 50}').oneshot == {**default.oneshot, "at": 50}
+    quick = demo_cfg("--quick", "--oneshot", '{"scale": 0.5}').oneshot
     assert quick == {**QUICK["oneshot"], "scale": 0.5}
     with pytest.raises(ValueError, match="--iterative must be a JSON object"):
-        cfg("--iterative", '{"mode": "oneshot"}')
+        demo_cfg("--iterative", '{"mode": "oneshot"}')
     with pytest.raises(ValueError, match="every"):
-        cfg("--oneshot", '{"every": 0}')
+        demo_cfg("--oneshot", '{"every": 0}')
 
 
 def test_trigger_option_sets_the_attackers_trigger():
-    parser = argparse.ArgumentParser(prog="fastdume")
-    attack.add_parser(parser.add_subparsers(dest="command"))
-
-    def cfg(*extra):
-        return attack.config_from_args(parser.parse_args(["attack", "demo", *extra]))
-
-    assert cfg().trigger == DemoConfig().trigger == " with that how"
-    assert cfg("--trigger", " SUDO").trigger == " SUDO"
+    assert demo_cfg().trigger == DemoConfig().trigger == " with that how"
+    assert demo_cfg("--trigger", " SUDO").trigger == " SUDO"
     with pytest.raises(ValueError, match="trigger"):
-        cfg("--trigger", "  ")
+        demo_cfg("--trigger", "  ")
 
 
 def test_smollm2_command_line_sets_trigger_and_trust():
