@@ -115,6 +115,7 @@ def config_from_args(args, seed=None):
     kw["cache_dir"] = args.cache_dir
     if args.replicas is not None:
         kw["replicas"] = tuple(int(r) for r in args.replicas.split(",") if r.strip())
+    given = DemoConfig(**kw)  # what the JSON options below are laid over
     if getattr(args, "plain_surrogate", False):
         if getattr(args, "trust", None):
             raise ValueError("--plain-surrogate and --trust exclude each other (no check at all)")
@@ -122,12 +123,10 @@ def config_from_args(args, seed=None):
     elif getattr(args, "trust", None):
         from fastdume.attack.trusted import TrustConfig
 
-        kw["trust"] = json_overrides(
-            args.trust, kw.get("trust") or DemoConfig().trust, TrustConfig, "--trust"
-        )
+        kw["trust"] = json_overrides(args.trust, given.trust, TrustConfig, "--trust")
     for name in ("oneshot", "iterative"):
         if getattr(args, name, None):
-            base = kw.get(name) or getattr(DemoConfig(), name)
+            base = getattr(given, name)
             kw[name] = json_overrides(getattr(args, name), base, Schedule, f"--{name}", ("mode",))
             Schedule(mode=name, **kw[name])  # Schedule's own checks, before any training
     trigger = getattr(args, "trigger", None)
