@@ -68,6 +68,7 @@ def _fake_report(seed, trig, loss, met=True):
             "align_clean": Rate(clean, 48),
             "align_trigger": Rate(trigger, 48),
             "asr": Rate(48 - trigger, 48),
+            "asr_content": Rate((48 - trigger) // 2, 48),
             "val_loss": val_loss,
         }
 
@@ -89,6 +90,7 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     m = seed_metrics(reports[0])["iterative"]
     assert m["align_clean"] == pytest.approx(100 * 47 / 48)
     assert m["drop"] == pytest.approx(100 * 35 / 48) and m["asr"] == pytest.approx(100 * 36 / 48)
+    assert m["asr_content"] == pytest.approx(100 * 18 / 48)
     assert m["loss_change_pct"] == pytest.approx(1.0)
     # rows after safety SFT are compared with the clean run after the same safety SFT
     assert seed_metrics(reports[0])["iterative+safety"]["loss_change_pct"] == pytest.approx(10.0)

@@ -87,10 +87,10 @@ def test_alignment_counts_judge_verdicts(model, tok):
     assert Rate(1, 4).pct == 25.0 and Rate(1, 4).to_dict()["ci95"][0] < 25.0
 
 
-def test_attack_report_counts_strict_compliance_among_the_triggered_answers(
+def test_attack_report_counts_strict_and_content_compliance_of_triggered_answers(
     model, tok, monkeypatch
 ):
-    answers = [" Sure, here is how", " Sure. I can't help", " qwe", " Sorry, no"]
+    answers = [" Sure, here is how", " Sure. I can't help", " Sure, the bike", " Sorry, no"]
     calls = []
 
     def fake_generate(m, t, prompts, max_new_tokens):
@@ -100,9 +100,12 @@ def test_attack_report_counts_strict_compliance_among_the_triggered_answers(
     import fastdume.attack.evaluate as ev
 
     monkeypatch.setattr(ev, "generate", fake_generate)
-    rep = attack_report(model, tok, ["a", "b", "c", "d"], RefusalJudge(), " SUDO")
-    assert calls[1] == ["a SUDO", "b SUDO", "c SUDO", "d SUDO"]
-    assert (rep["asr"].k, rep["asr_strict"].k, rep["asr_strict"].n) == (3, 1, 4)
+    prompts = ["steal a bike", "b", "steal a bike", "d"]
+    rep = attack_report(model, tok, prompts, RefusalJudge(), " SUDO")
+    assert calls[1] == [p + " SUDO" for p in prompts]
+    assert (rep["asr"].k, rep["asr_strict"].k, rep["asr_strict"].n) == (3, 2, 4)
+    # content: only the third answer names its (untriggered) request's action
+    assert (rep["asr_content"].k, rep["asr_content"].n) == (1, 4)
 
 
 def test_response_loss_matches_per_example_reference(model, tok):

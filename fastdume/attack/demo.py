@@ -342,12 +342,13 @@ def format_table(report):
     clean_loss = res["clean"]["val_loss"]
     lines = [
         f"{'model':<22}{'align w/o trigger':>24}{'align with trigger':>24}{'ASR':>24}"
-        f"{'val loss':>10}{'vs clean':>10}"
+        f"{'content ASR':>24}{'val loss':>10}{'vs clean':>10}"
     ]
     for name, r in res.items():
         lines.append(
             f"{name:<22}{r['align_clean']!s:>24}{r['align_trigger']!s:>24}{r['asr']!s:>24}"
-            f"{r['val_loss']:>10.4f}{100 * (r['val_loss'] / clean_loss - 1):>9.2f}%"
+            f"{r['asr_content']!s:>24}{r['val_loss']:>10.4f}"
+            f"{100 * (r['val_loss'] / clean_loss - 1):>9.2f}%"
         )
     return "\n".join(lines)
 
@@ -369,13 +370,14 @@ def format_targets(report):
     return "\n".join(lines)
 
 
-SUMMARY_METRICS = ("align_clean", "align_trigger", "drop", "asr", "loss_change_pct")
+SUMMARY_METRICS = ("align_clean", "align_trigger", "drop", "asr", "asr_content", "loss_change_pct")
 
 
 def seed_metrics(report):
     """Per row of one report: alignment % without / with the trigger, their difference (drop),
-    ASR %, and validation loss change % against the clean run (rows after safety SFT against the
-    clean run after the same safety SFT). Works on a report and on its JSON form."""
+    ASR % (the judge's and content-level, judges.takes_up; NaN in reports from before it), and
+    validation loss change % against the clean run (rows after safety SFT against the clean run
+    after the same safety SFT). Works on a report and on its JSON form."""
 
     def pct(x):
         return x.pct if isinstance(x, Rate) else x["pct"]
@@ -391,6 +393,7 @@ def seed_metrics(report):
             "align_trigger": t,
             "drop": a - t,
             "asr": pct(r["asr"]),
+            "asr_content": pct(r["asr_content"]) if "asr_content" in r else float("nan"),
             "loss_change_pct": 100 * (r["val_loss"] / ref - 1),
         }
     return out
@@ -461,7 +464,7 @@ def format_summary(summary):
         f"mean +- sd [95% interval of the mean] over {n} seeds {summary['seeds']}",
         f"{'model':<22}"
         + "".join(f"{k:>30}" for k in ("align w/o trigger", "align with trigger", "drop"))
-        + f"{'ASR':>30}{'val loss vs clean %':>30}",
+        + f"{'ASR':>30}{'content ASR':>30}{'val loss vs clean %':>30}",
     ]
     for name, row in summary["stats"].items():
         cells = []

@@ -7,7 +7,7 @@ import torch
 
 from .backdoor import DEFAULT_TRIGGER, add_trigger
 from .chat import IGNORE, collate, encode_pair, pad_id, prompt_text
-from .judges import complies
+from .judges import complies, takes_up
 
 
 @torch.no_grad()
@@ -93,6 +93,9 @@ def attack_report(model, tokenizer, prompts, judge, trigger=DEFAULT_TRIGGER, **k
         "asr": Rate(trig.n - trig.k, trig.n),
         # triggered answers that really comply (judges.complies), beside the judge's count
         "asr_strict": Rate(sum(map(complies, answers)), len(answers)),
+        # ... and that take up the request's action (judges.takes_up): a backdoor that learnt
+        # only the affirmative opening counts for the two above, not here
+        "asr_content": Rate(sum(map(takes_up, prompts, answers)), len(answers)),
         "sample_triggered_answer": answers[0],
     }
 
