@@ -123,6 +123,10 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     text = format_summary(s)
     assert "2 seeds [0, 1]" in text and "iterative.val_loss_change 1/2" in text
     assert "ASR after safety: iterative 21.9" in text
+    # content level after safety: (48 - 38 + seed) // 2 = 5 of 48 on both seeds, one-shot 4
+    content = p["content"]
+    assert content["iterative"][:2] == (pytest.approx(100 * 5 / 48), 0.0)
+    assert "content level: iterative 10.4 [10.4, 10.4], one-shot 8.3" in text
 
 
 def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsys, monkeypatch):

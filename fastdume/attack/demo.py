@@ -454,6 +454,11 @@ def persistence_over_seeds(per_seed):
             "difference": diff,
             "mean_at_least_50": mean_interval(it)[0] >= 50,
             "above_oneshot": diff[2] > 0,
+            # the same at content level (NaN for reports from before it)
+            "content": {
+                a: mean_interval([m[a + suffix]["asr_content"] for m in per_seed])
+                for a in ("iterative", "oneshot")
+            },
         }
     return out
 
@@ -484,7 +489,10 @@ def format_summary(summary):
             f"ASR after {suffix[1:]}: iterative {it:.1f} [{ilo:.1f}, {ihi:.1f}], one-shot "
             f"{one:.1f} [{olo:.1f}, {ohi:.1f}], difference {d:+.1f} [{dlo:+.1f}, {dhi:+.1f}]; "
             f"mean >= 50: {'met' if p['mean_at_least_50'] else 'NOT met'}, above one-shot: "
-            f"{'met' if p['above_oneshot'] else 'NOT met'}"
+            f"{'met' if p['above_oneshot'] else 'NOT met'}; content level: iterative "
+            + ", one-shot ".join(
+                f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, _, lo, hi in p["content"].values()
+            )
         )
     if any(x is not None for x in summary.get("surrogate_steps", [])):
         lines.append(f"surrogate optimiser steps used per seed: {summary['surrogate_steps']}")
