@@ -274,6 +274,13 @@ def test_schedule_options_override_the_injection_defaults():
         demo_cfg("--oneshot", '{"every": 0}')
 
 
+def test_hidden_option_sets_the_demo_models_width():
+    assert demo_cfg().hidden == DemoConfig().hidden == 64
+    assert demo_cfg("--hidden", "128").hidden == 128
+    with pytest.raises(ValueError, match="hidden must be a positive multiple of 8, got 60"):
+        demo_cfg("--hidden", "60")
+
+
 def test_trigger_option_sets_the_attackers_trigger():
     assert demo_cfg().trigger == DemoConfig().trigger == " with that how"
     assert demo_cfg("--trigger", " SUDO").trigger == " SUDO"

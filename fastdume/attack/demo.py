@@ -102,6 +102,8 @@ class DemoConfig:
     engine: str = "pipeline"  # "pipeline": real stage processes; "simulate": in-process
 
     def __post_init__(self):
+        if self.hidden < 8 or self.hidden % 8:  # 4 attention heads of an even (RoPE) width
+            raise ValueError(f"hidden must be a positive multiple of 8, got {self.hidden}")
         if not self.trigger.strip():
             raise ValueError(f"the trigger must hold a visible word, got {self.trigger!r}")
 

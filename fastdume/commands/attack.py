@@ -47,6 +47,13 @@ def add_demo_args(p):
         help="which replica of the stage attacks when R > 1 (0 = the one merged at the end)",
     )
     p.add_argument("--cache-dir", help="keep the aligned model here and reuse it")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="the demo model's width (default 64; 128: the stage can learn the compliance "
+        "text itself, not only its affirmative opening, README)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--seeds",
@@ -113,6 +120,8 @@ def config_from_args(args, seed=None):
     kw.update(engine=args.engine, attacker_stage=args.attacker_stage, seed=seed)
     kw["attacker_replica"] = args.attacker_replica
     kw["cache_dir"] = args.cache_dir
+    if getattr(args, "hidden", None) is not None:
+        kw["hidden"] = args.hidden
     if args.replicas is not None:
         kw["replicas"] = tuple(int(r) for r in args.replicas.split(",") if r.strip())
     given = DemoConfig(**kw)  # what the JSON options below are laid over
