@@ -51,8 +51,8 @@ def add_demo_args(p):
         "--hidden",
         type=int,
         default=None,
-        help="the demo model's width (default 64; 128: the stage can learn the compliance "
-        "text itself, not only its affirmative opening, README)",
+        help="the demo model's width (default 64; what the attack's successes are at 64 and "
+        "128: README, content level)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
