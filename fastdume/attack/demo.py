@@ -487,14 +487,16 @@ def format_summary(summary):
     for suffix, p in summary.get("persistence", {}).items():
         (it, _, ilo, ihi), (one, _, olo, ohi) = p["iterative"], p["oneshot"]
         d, _, dlo, dhi = p["difference"]
+        (cit, _, cilo, cihi), (cone, _, colo, cohi) = (
+            p["content"]["iterative"],
+            p["content"]["oneshot"],
+        )
         lines.append(
             f"ASR after {suffix[1:]}: iterative {it:.1f} [{ilo:.1f}, {ihi:.1f}], one-shot "
             f"{one:.1f} [{olo:.1f}, {ohi:.1f}], difference {d:+.1f} [{dlo:+.1f}, {dhi:+.1f}]; "
             f"mean >= 50: {'met' if p['mean_at_least_50'] else 'NOT met'}, above one-shot: "
             f"{'met' if p['above_oneshot'] else 'NOT met'}; content level: iterative "
-            + ", one-shot ".join(
-                f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, _, lo, hi in p["content"].values()
-            )
+            f"{cit:.1f} [{cilo:.1f}, {cihi:.1f}], one-shot {cone:.1f} [{colo:.1f}, {cohi:.1f}]"
         )
     if any(x is not None for x in summary.get("surrogate_steps", [])):
         lines.append(f"surrogate optimiser steps used per seed: {summary['surrogate_steps']}")
