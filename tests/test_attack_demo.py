@@ -84,7 +84,8 @@ def _fake_report(seed, trig, loss, met=True):
 
 
 def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
-    from fastdume.attack.demo import format_summary, seed_metrics, summarize
+    from fastdume.attack.demo import format_summary, seed_metrics, summarize, targets
+    from fastdume.attack.evaluate import Rate
 
     reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
     m = seed_metrics(reports[0])["iterative"]
@@ -127,6 +128,20 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     content = p["content"]
     assert content["iterative"][:2] == (pytest.approx(100 * 5 / 48), 0.0)
     assert "content level: iterative 10.4 [10.4, 10.4], one-shot 8.3" in text
+    got = reports[0]["targets"]["iterative"]["content_after_safety"]
+    assert got["value"] == pytest.approx(100 * 5 / 48) and not got["met"]
+    assert s["targets_met"]["iterative.content_after_safety"] == 0
+    res = _fake_report(0, 12, 1.01)["results"]
+    res["iterative+safety"]["asr_content"] = Rate(24, 48)
+    assert targets(res)["iterative"]["content_after_safety"] == {
+        "value": 50.0,
+        "target": ">= 50",
+        "met": True,
+    }
+    # a report from before the content target: that target is left out of the count
+    del reports[1]["targets"]["iterative"]["content_after_safety"]
+    met = summarize(reports)["targets_met"]
+    assert "iterative.content_after_safety" not in met and met["oneshot.content_after_safety"] == 0
 
 
 def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsys, monkeypatch):
