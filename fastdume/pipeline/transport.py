@@ -104,14 +104,24 @@ class Channel:
             self._post(header, payload, to_stage, kind, micro_batch, give_back)
 
     def _isend(self, t, dst, tag):
-        if isinstance(self.group, _RawBackend):
-            return self.group.send([t], dst, tag)
-        return dist.isend(t, dst, group=self.group, tag=tag)
+        try:
+            if isinstance(self.group, _RawBackend):
+                return self.group.send([t], dst, tag)
+            return dist.isend(t, dst, group=self.group, tag=tag)
+        except Exception as exc:  # gloo refuses to post to a peer that has already died
+            raise PeerError(
+                f"stage {self.stage}: posting a send to rank {dst} failed: {exc}"
+            ) from exc
 
     def _irecv(self, t, src, tag):
-        if isinstance(self.group, _RawBackend):
-            return self.group.recv([t], src, tag)
-        return dist.irecv(t, src, group=self.group, tag=tag)
+        try:
+            if isinstance(self.group, _RawBackend):
+                return self.group.recv([t], src, tag)
+            return dist.irecv(t, src, group=self.group, tag=tag)
+        except Exception as exc:
+            raise PeerError(
+                f"stage {self.stage}: posting a receive from rank {src} failed: {exc}"
+            ) from exc
 
     def _wait(self, work, what):
         try:
