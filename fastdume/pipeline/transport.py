@@ -14,6 +14,7 @@ uploads through pinned memory on the other copy stream, which torch's current st
 CPU stages work exactly as before.
 """
 
+import contextlib
 import functools
 from datetime import timedelta
 
@@ -104,29 +105,28 @@ class Channel:
             self._post(header, payload, to_stage, kind, micro_batch, give_back)
 
     def _isend(self, t, dst, tag):
-        try:
+        with self._peer_errors(f"posting a send to rank {dst}"):
             if isinstance(self.group, _RawBackend):
                 return self.group.send([t], dst, tag)
             return dist.isend(t, dst, group=self.group, tag=tag)
-        except Exception as exc:  # gloo refuses to post to a peer that has already died
-            raise PeerError(
-                f"stage {self.stage}: posting a send to rank {dst} failed: {exc}"
-            ) from exc
 
     def _irecv(self, t, src, tag):
-        try:
+        with self._peer_errors(f"posting a receive from rank {src}"):
             if isinstance(self.group, _RawBackend):
                 return self.group.recv([t], src, tag)
             return dist.irecv(t, src, group=self.group, tag=tag)
-        except Exception as exc:
-            raise PeerError(
-                f"stage {self.stage}: posting a receive from rank {src} failed: {exc}"
-            ) from exc
 
     def _wait(self, work, what):
-        try:
+        with self._peer_errors(what):
             work.wait(self.timeout)
-        except Exception as exc:  # gloo raises RuntimeError for timeouts and closed peers
+
+    @contextlib.contextmanager
+    def _peer_errors(self, what):
+        # gloo raises RuntimeError for timeouts and closed peers, when an operation is waited
+        # on and already when it is posted to a peer that has died
+        try:
+            yield
+        except Exception as exc:
             raise PeerError(f"stage {self.stage}: {what} failed: {exc}") from exc
 
     def recv(self, from_stage, kind, micro_batch, step, shape, dtype, device="cpu"):
