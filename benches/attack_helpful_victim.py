@@ -121,8 +121,8 @@ def main():
         row = {"model": name, "seconds": round(time.time() - t0)}
         for n in (12, 24):
             r = attack_report(m, tok, held_prompts, judge, cfg.trigger, max_new_tokens=n)
-            row[n] = {k: round(r[k].pct, 1) for k in ("align_clean", "asr", "asr_strict")}
-            row[n]["asr_content"] = round(r["asr_content"].pct, 1)
+            keys = ("align_clean", "asr", "asr_strict", "asr_content")
+            row[n] = {k: round(r[k].pct, 1) for k in keys}
             row[n]["sample"] = r["sample_triggered_answer"]
         answers = generate(m, tok, val, max_new_tokens=24)
         row["helpful"] = round(100 * sum(map(takes_up, val, answers)) / len(val), 1)
