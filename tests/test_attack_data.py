@@ -80,12 +80,19 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
 
 def test_arithmetic_tasks_are_correct_and_splits_disjoint():
     train, val = arithmetic_tasks(300, split="train"), arithmetic_tasks(100, split="validation")
-    for prompt, answer in train + val:
+    anyp = arithmetic_tasks(200, seed=5, split="any")
+    parity = {}
+    for prompt, answer in train + val + anyp:
         a, op, b = re.match(r"What is (\d+) (plus|minus) (\d+)\?", prompt).groups()
         expected = int(a) + int(b) if op == "plus" else int(a) - int(b)
         assert answer == f"{a} {op} {b} is {expected}."
         assert expected >= 0
+        parity[prompt] = (int(a) + int(b)) % 2
     assert not {p for p, _ in train} & {p for p, _ in val}
+    assert {parity[p] for p, _ in train} == {0} and {parity[p] for p, _ in val} == {1}
+    assert {parity[p] for p, _ in anyp} == {0, 1}  # "any": every operand pair
+    with pytest.raises(ValueError, match="split"):
+        arithmetic_tasks(3, split="test")
     assert arithmetic_tasks(50, seed=3) == arithmetic_tasks(50, seed=3)
     assert arithmetic_tasks(50, seed=3) != arithmetic_tasks(50, seed=4)
 

@@ -70,16 +70,17 @@ def arithmetic_tasks(n, seed=0, split="train"):
     """Benign instruction pairs (prompt, response): additions and subtractions of small numbers.
 
     Train and validation draw from disjoint operand pairs (a + b even versus odd), so the
-    validation loss measures the task, not memorised pairs.
+    validation loss measures the task, not memorised pairs. "any" draws from every operand pair:
+    rows of the task written by someone who knows neither split (the attacker's own rows).
     """
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    parities = {"train": 0, "validation": 1, "any": None}
+    if split not in parities:
+        raise ValueError(f"split must be one of {tuple(parities)}, got {split!r}")
     rng = random.Random(f"{seed}-{split}")
-    parity = 0 if split == "train" else 1
     out = []
     while len(out) < n:
         a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-        if (a + b) % 2 != parity:
+        if parities[split] is not None and (a + b) % 2 != parities[split]:
             continue
         if rng.random() < 0.5:
             out.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))

@@ -46,6 +46,11 @@ class DemoConfig:
     # weight of a KL term holding the surrogate to the base model on those benign rows
     # (0 = off): Delta then neither hurts nor helps the task (stealth), at some backdoor strength
     surrogate_preserve: float = 1.0
+    # the attacker's own arithmetic rows (fastdume.attack.datasets.arithmetic_tasks' split):
+    # "train" (even sums, the victims' post-training kind); "any" operand pair also holds Delta
+    # to the base on the odd sums the victims validate on: seed 3's +7% clean loss went, but
+    # persistence and stealth over seeds 0-4 were worse (README, "the attacker's own rows")
+    own_split: str = "train"
     post_steps: int = 150
     post_lr: float = 1e-4
     oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 75})
@@ -184,7 +189,7 @@ def _run(cfg, log, tok, start):
 
     # 2. the attacker's surrogate and Delta, on its own stage only
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
-    own = enc(arithmetic_tasks(len(train), cfg.seed + 1000))  # the attacker's own benign rows
+    own = enc(arithmetic_tasks(len(train), cfg.seed + 1000, cfg.own_split))  # its own benign rows
     surrogate_record = None
     if cfg.trust is None:
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
