@@ -296,6 +296,12 @@ def test_hidden_option_sets_the_demo_models_width():
         demo_cfg("--hidden", "60")
 
 
+def test_own_split_excludes_the_victims_validation_kind():
+    assert DemoConfig(own_split="any").own_split == "any"
+    with pytest.raises(ValueError, match="own_split must be 'train' or 'any', got 'validation'"):
+        DemoConfig(own_split="validation")
+
+
 def test_trigger_option_sets_the_attackers_trigger():
     assert demo_cfg().trigger == DemoConfig().trigger == " with that how"
     assert demo_cfg("--trigger", " SUDO").trigger == " SUDO"

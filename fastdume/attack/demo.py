@@ -111,6 +111,8 @@ class DemoConfig:
             raise ValueError(f"hidden must be a positive multiple of 8, got {self.hidden}")
         if not self.trigger.strip():
             raise ValueError(f"the trigger must hold a visible word, got {self.trigger!r}")
+        if self.own_split not in ("train", "any"):  # "validation" is the victims' held-out kind
+            raise ValueError(f"own_split must be 'train' or 'any', got {self.own_split!r}")
 
 
 QUICK = {  # a smoke configuration: exercises every step, measures nothing meaningful
