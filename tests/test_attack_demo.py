@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 
 import pytest
 
@@ -142,6 +143,13 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     del reports[1]["targets"]["iterative"]["content_after_safety"]
     met = summarize(reports)["targets_met"]
     assert "iterative.content_after_safety" not in met and met["oneshot.content_after_safety"] == 0
+    # ... nor the content rate: its mean over seeds is unknown, every other metric still summarises
+    for row in reports[1]["results"].values():
+        del row["asr_content"]
+    s = summarize(reports)
+    assert math.isnan(s["stats"]["iterative"]["asr_content"]["mean"])
+    assert s["stats"]["iterative"]["align_trigger"]["mean"] == pytest.approx(100 * 15 / 48)
+    assert "content level: iterative nan" in format_summary(s)
 
 
 def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsys, monkeypatch):

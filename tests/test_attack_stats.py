@@ -1,5 +1,7 @@
 """Statistics over seeds: Student-t quantiles and the interval of the mean."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,7 @@ def test_mean_interval_by_hand():
     assert lo == pytest.approx(xs.mean() - half, rel=1e-3)
     assert hi == pytest.approx(xs.mean() + half, rel=1e-3)
     assert mean_interval([3.0]) == (3.0, 0.0, 3.0, 3.0)
+    assert all(math.isnan(v) for v in mean_interval([1.0, float("nan"), 2.0]))
     with pytest.raises(ValueError, match="xs"):
         mean_interval([])
     with pytest.raises(ValueError, match="p must"):

@@ -38,10 +38,13 @@ def t_quantile(p, df):
 
 def mean_interval(xs, level=0.95):
     """(mean, sample sd, lower, upper): the Student-t interval of the mean over independent
-    values (seeds). One value: sd 0 and the interval is the value itself (no spread known)."""
+    values (seeds). One value: sd 0 and the interval is the value itself (no spread known).
+    A NaN (a metric one seed's report lacks) makes all four NaN: that mean is unknown."""
     xs = [float(x) for x in xs]
     if not xs:
         raise ValueError("xs must hold at least one value, got none")
+    if any(math.isnan(x) for x in xs):
+        return (math.nan,) * 4
     mean = statistics.fmean(xs)
     if len(xs) == 1:
         return mean, 0.0, mean, mean
