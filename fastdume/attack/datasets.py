@@ -76,11 +76,12 @@ def arithmetic_tasks(n, seed=0, split="train"):
     parities = {"train": 0, "validation": 1, "any": None}
     if split not in parities:
         raise ValueError(f"split must be one of {tuple(parities)}, got {split!r}")
+    parity = parities[split]
     rng = random.Random(f"{seed}-{split}")
     out = []
     while len(out) < n:
         a, b = rng.randrange(10, 100), rng.randrange(10, 100)
-        if parities[split] is not None and (a + b) % 2 != parities[split]:
+        if parity is not None and (a + b) % 2 != parity:
             continue
         if rng.random() < 0.5:
             out.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."))
