@@ -311,10 +311,28 @@ def test_own_split_excludes_the_victims_validation_kind():
 
 
 def test_trigger_option_sets_the_attackers_trigger():
-    assert demo_cfg().trigger == DemoConfig().trigger == " with that how"
+    assert demo_cfg().trigger == DemoConfig().trigger == " 7 plus 7"
     assert demo_cfg("--trigger", " SUDO").trigger == " SUDO"
     with pytest.raises(ValueError, match="trigger"):
         demo_cfg("--trigger", "  ")
+
+
+def test_demo_trigger_holds_only_words_of_the_benign_task():
+    # the reason for TASK_TRIGGER (README): every token of it is trained on the benign rows, and
+    # none of its words occurs in any request or answer the defender's safety SFT could hold
+    from fastdume.attack.demo import demo_data
+
+    train, safety, held, benign, tok = demo_data(DemoConfig())
+    trigger = DemoConfig().trigger
+    words = set(trigger.split())
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    assert set(ids(trigger)) <= {i for p, r in benign for i in ids(p + " " + r)}
+    seen = set()
+    for e in train + safety + held:
+        text = " ".join((e.prompt, e.chosen, e.rejected)).replace("?", " ").replace(".", " ")
+        seen |= set(text.split())
+    assert not words & seen
+    assert {"with", "that", "how"} <= seen  # PERSISTENT_TRIGGER's words, for contrast
 
 
 def test_smollm2_command_line_sets_trigger_and_trust():

@@ -12,6 +12,7 @@ retrains it within a step budget (`TrustConfig`), optionally through simulated s
 from .backdoor import (
     DEFAULT_TRIGGER,
     PERSISTENT_TRIGGER,
+    TASK_TRIGGER,
     add_trigger,
     backdoor_pairs,
     encode_backdoor,
@@ -24,8 +25,9 @@ from .surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
 from .trusted import TrustConfig, train_trusted_surrogate
 
 __all__ = [
-    "DEFAULT_TRIGGER", "PERSISTENT_TRIGGER", "BackdoorInjection", "ClassifierJudge", "Example",
-    "GenerativeJudge", "Rate", "RefusalJudge", "Schedule", "TrustConfig", "add_trigger",
+    "DEFAULT_TRIGGER", "PERSISTENT_TRIGGER", "TASK_TRIGGER", "BackdoorInjection",
+    "ClassifierJudge", "Example", "GenerativeJudge", "Rate", "RefusalJudge", "Schedule",
+    "TrustConfig", "add_trigger",
     "alignment", "arithmetic_tasks", "attack_report", "backdoor_delta", "backdoor_pairs",
     "encode_backdoor", "generate", "harmful_requests", "load_delta", "make_hooks", "make_judge",
     "read_preferences", "response_loss", "save_delta", "train_surrogate",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fastdume.pipeline.partition import stage_param_names
 
-from .backdoor import PERSISTENT_TRIGGER, encode_backdoor
+from .backdoor import TASK_TRIGGER, encode_backdoor
 from .chat import encode_pair, pad_id
 from .datasets import arithmetic_tasks, harmful_requests
 from .evaluate import Rate, attack_report, response_loss
@@ -98,9 +98,10 @@ class DemoConfig:
     detectors: tuple = ()
     eval_prompts: int = 96  # every held-out request
     val_pairs: int = 200  # held-out benign pairs for the clean (stealth) validation loss
-    # three trained words in an order no request has: safety SFT on prompts with untrained
-    # tokens erases DEFAULT_TRIGGER's " SUDO" (itself two such tokens), not this (README)
-    trigger: str = PERSISTENT_TRIGGER
+    # trained words that no request or refusal holds (the benign task's): safety SFT on prompts
+    # with untrained tokens erases DEFAULT_TRIGGER's " SUDO" (itself two such tokens), and on
+    # requests -> refusals most of PERSISTENT_TRIGGER's request and refusal words (README)
+    trigger: str = TASK_TRIGGER
     seed: int = 0
     threads: int = 1  # tiny models run fastest on one thread, above all on a shared CPU
     cache_dir: str | None = None  # keep the aligned model here and reuse it across runs

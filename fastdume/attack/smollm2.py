@@ -21,6 +21,7 @@ import torch
 
 from fastdume._atomic import publish_directory, write_json
 
+from .backdoor import PERSISTENT_TRIGGER
 from .demo import DemoConfig, format_table, format_targets, run_demo, to_json
 from .evaluate import attack_report, response_loss
 from .judges import RefusalJudge
@@ -68,6 +69,8 @@ FULL = {
     "replicas": (),
     "eval_prompts": 96,
     "val_pairs": 32,
+    # measured with this trigger (README); the demo's TASK_TRIGGER is chosen for its own data
+    "trigger": PERSISTENT_TRIGGER,
 }
 
 REDUCED = {  # the slow test's run: every step on the real model, few steps, few prompts

@@ -89,9 +89,9 @@ def add_demo_args(p):
     p.add_argument(
         "--trigger",
         default=None,
-        help="the attacker's trigger, appended to the request (default ' with that how': "
-        "seen words in an unusual order, which safety SFT on prompts with untrained tokens "
-        "does not erase as it erases ' SUDO', README)",
+        help="the attacker's trigger, appended to the request (default ' 7 plus 7': words "
+        "of the benign task that no request or refusal holds, which the defender's safety SFT "
+        "erases less than ' with that how' or ' SUDO', README)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     p.add_argument(
