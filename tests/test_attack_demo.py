@@ -305,7 +305,8 @@ def test_hidden_option_sets_the_demo_models_width():
 
 
 def test_own_split_excludes_the_victims_validation_kind():
-    assert DemoConfig(own_split="any").own_split == "any"
+    assert demo_cfg().own_split == DemoConfig().own_split == "any"
+    assert demo_cfg("--own-split", "train").own_split == "train"
     with pytest.raises(ValueError, match="own_split must be 'train' or 'any', got 'validation'"):
         DemoConfig(own_split="validation")
 
@@ -340,6 +341,7 @@ def test_smollm2_command_line_sets_trigger_and_trust():
 
     _, cfg = parse([])
     assert cfg.trust == FULL["trust"] and cfg.trigger == " with that how"
+    assert cfg.own_split == "train"  # what the tier was measured with, not the demo's default
     _, cfg = parse(["--seed", "3", "--trigger", " SUDO", "--trust", '{"sim_steps": 2}'])
     assert (cfg.seed, cfg.trigger) == (3, " SUDO")
     assert cfg.trust == {**FULL["trust"], "sim_steps": 2}

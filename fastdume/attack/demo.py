@@ -47,10 +47,10 @@ class DemoConfig:
     # (0 = off): Delta then neither hurts nor helps the task (stealth), at some backdoor strength
     surrogate_preserve: float = 1.0
     # the attacker's own arithmetic rows (fastdume.attack.datasets.arithmetic_tasks' split):
-    # "train" (even sums, the victims' post-training kind); "any" operand pair also holds Delta
-    # to the base on the odd sums the victims validate on: seed 3's +7% clean loss went, but
-    # persistence and stealth over seeds 0-4 were worse (README, "the attacker's own rows")
-    own_split: str = "train"
+    # "any" operand pair holds Delta to the base on every sum, the odd ones the victims validate
+    # on too; with TASK_TRIGGER, made of the task's own words, "train" (even sums only, the
+    # victims' post-training kind) cost seed 3 +14% clean loss (README, "the benign task's words")
+    own_split: str = "any"
     post_steps: int = 150
     post_lr: float = 1e-4
     oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 75})

@@ -69,8 +69,9 @@ FULL = {
     "replicas": (),
     "eval_prompts": 96,
     "val_pairs": 32,
-    # measured with this trigger (README); the demo's TASK_TRIGGER is chosen for its own data
+    # measured with these (README); the demo's TASK_TRIGGER is chosen for the demo's own data
     "trigger": PERSISTENT_TRIGGER,
+    "own_split": "train",
 }
 
 REDUCED = {  # the slow test's run: every step on the real model, few steps, few prompts

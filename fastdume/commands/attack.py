@@ -71,6 +71,12 @@ def add_demo_args(p):
         metavar="JSON",
         help="TrustConfig fields over the demo's surrogate defaults, e.g. '{\"shift_scale\": 2.0}'",
     )
+    p.add_argument(
+        "--own-split",
+        choices=("train", "any"),
+        help="the attacker's own arithmetic rows: 'any' operand pair (default) or 'train' "
+        "(even sums only, the demo's before 2026-12-03)",
+    )
     for name, example in (
         ("oneshot", '{"at": 50}'),
         ("iterative", '{"scale": 0.0625, "budget": 1.25}'),
@@ -138,9 +144,9 @@ def config_from_args(args, seed=None):
             base = getattr(given, name)
             kw[name] = json_overrides(getattr(args, name), base, Schedule, f"--{name}", ("mode",))
             Schedule(mode=name, **kw[name])  # Schedule's own checks, before any training
-    trigger = getattr(args, "trigger", None)
-    if trigger is not None:
-        kw["trigger"] = trigger
+    for name in ("trigger", "own_split"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
     detectors = tuple(d.strip() for d in getattr(args, "detectors", "").split(",") if d.strip())
     if detectors:
         from fastdume.defense.hooks import DETECTORS
