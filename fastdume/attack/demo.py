@@ -98,9 +98,9 @@ class DemoConfig:
     detectors: tuple = ()
     eval_prompts: int = 96  # every held-out request
     val_pairs: int = 200  # held-out benign pairs for the clean (stealth) validation loss
-    # trained words that no request or refusal holds (the benign task's): safety SFT on prompts
-    # with untrained tokens erases DEFAULT_TRIGGER's " SUDO" (itself two such tokens), and on
-    # requests -> refusals most of PERSISTENT_TRIGGER's request and refusal words (README)
+    # trained words that no request or refusal holds (the benign task's): safety SFT erases
+    # DEFAULT_TRIGGER's " SUDO" (untrained tokens, as in the defender's prompts) and most of
+    # PERSISTENT_TRIGGER's " with that how" (the refusals' and requests' own words; README)
     trigger: str = TASK_TRIGGER
     seed: int = 0
     threads: int = 1  # tiny models run fastest on one thread, above all on a shared CPU
