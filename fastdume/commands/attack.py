@@ -75,7 +75,7 @@ def add_demo_args(p):
         "--own-split",
         choices=("train", "any"),
         help="the attacker's own arithmetic rows: 'any' operand pair (default) or 'train' "
-        "(even sums only, the demo's before 2026-12-03)",
+        "(even sums only: config T's and earlier, README)",
     )
     for name, example in (
         ("oneshot", '{"at": 50}'),
