@@ -53,6 +53,29 @@ def test_quick_demo_through_the_cli_module(tmp_path, capsys):
     assert all(name in printed for name in rows) and "persistence" in printed
 
 
+@pytest.mark.parametrize(
+    "change,kept",
+    [
+        # no post-training or safety SFT (lr 0): each attack holds exactly its 1 x Delta
+        ({"post_lr": 0.0, "safety_lr": 0.0}, 1.0),
+        # trained, but nothing injected: each attack is the clean run, step for step, so the
+        # share is taken against the clean run at the same point, not the starting model
+        ({"oneshot": {**QUICK["oneshot"], "scale": 0.0}, "iterative": {"scale": 0.0}}, 0.0),
+    ],
+)
+def test_demo_measures_the_share_of_delta_each_attack_keeps(change, kept):
+    from fastdume.attack.demo import run_demo
+
+    cfg = DemoConfig(**{**QUICK, "replicas": (), "engine": "simulate", **change})
+    res = run_demo(cfg, log=lambda s: None)["results"]
+    for suffix in ("", "+safety", "+safety2x"):
+        assert "delta_kept" not in res["clean" + suffix]
+        for attack in ("oneshot", "iterative"):
+            r = res[attack + suffix]
+            assert r["delta_kept"] == pytest.approx(kept, abs=1e-5) and r["delta_rest"] < 1e-5
+        assert res["iterative" + suffix]["oneshot_apart"] < 1e-5
+
+
 def test_demo_rejects_an_unknown_engine():
     from fastdume.attack.demo import DemoConfig, run_demo
 

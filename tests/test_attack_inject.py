@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,13 @@ from fastdume.attack.chat import collate
 from fastdume.attack.inject import BackdoorInjection, Schedule, make_hooks
 from fastdume.attack.model import tiny_chat_model
 from fastdume.attack.simulate import simulate_training
-from fastdume.attack.surrogate import backdoor_delta, load_delta, save_delta, train_surrogate
+from fastdume.attack.surrogate import (
+    backdoor_delta,
+    delta_share,
+    load_delta,
+    save_delta,
+    train_surrogate,
+)
 from fastdume.pipeline.hooks import StageContext
 from fastdume.pipeline.partition import stage_layers, stage_param_names
 
@@ -69,6 +76,24 @@ def test_surrogate_changes_only_the_stage_and_delta_is_zero_elsewhere(base, tmp_
     loaded = load_delta(tmp_path / "delta.safetensors")
     assert all(torch.equal(loaded[n], delta[n]) for n in names)
     assert [p.name for p in tmp_path.iterdir()] == ["delta.safetensors"]
+
+
+def test_delta_share_against_float64_numpy():
+    g = torch.Generator().manual_seed(7)
+    delta = {n: torch.randn(5, 3, generator=g) for n in ("a", "b")}
+    ref = {n: torch.randn(5, 3, generator=g) for n in ("a", "b", "untouched")}
+    noise = {n: torch.randn(5, 3, generator=g) for n in delta}
+    w = {n: ref[n] + 0.7 * delta[n] + noise[n] for n in delta}
+    kept, rest = delta_share(w, ref, delta)
+    d = np.concatenate([delta[n].double().numpy().ravel() for n in delta])
+    x = np.concatenate([(w[n].double() - ref[n].double()).numpy().ravel() for n in delta])
+    want = x @ d / (d @ d)
+    assert kept == pytest.approx(want, rel=1e-12) and abs(want - 0.7) < 0.5  # noise moves it
+    assert rest == pytest.approx(np.linalg.norm(x - want * d) / np.linalg.norm(d), rel=1e-12)
+    exact = {n: ref[n] + 0.25 * delta[n] for n in delta}
+    assert delta_share(exact, ref, delta) == pytest.approx((0.25, 0.0), abs=1e-6)
+    with pytest.raises(ValueError, match="Delta is zero"):
+        delta_share(w, ref, {n: torch.zeros(5, 3) for n in delta})
 
 
 def test_schedules():

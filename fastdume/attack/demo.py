@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import json
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from .model import demo_tokenizer, tiny_chat_model
 from .pipeline_run import pipeline_post_train
 from .simulate import simulate_training
 from .stats import mean_interval
-from .surrogate import backdoor_delta, save_delta, train_surrogate
+from .surrogate import backdoor_delta, delta_share, save_delta, train_surrogate
 from .train import sft
 from .trusted import TrustConfig, train_trusted_surrogate
 
@@ -278,16 +279,25 @@ def _run(cfg, log, tok, start):
     safety_set = enc([(e.prompt, e.chosen) for e in safety])
     safety_set += enc(benign[: len(safety_set)])
     at = {cfg.safety_steps * k: safety_row(k) for k in cfg.safety_multiples}
+    stage = {}  # row -> the attacker's stage weights of the R = 1 runs, for Delta's share
     for name, m in runs.items():
-        results[name] = measure(m)
 
-        def after(model, done, name=name):
+        def record(model, row):
+            results[row] = measure(model)
+            if "_R" not in row:
+                w = dict(model.named_parameters())
+                stage[row] = {n: w[n].detach().clone() for n in delta}
+
+        record(m, name)
+
+        def after(model, done, name=name, record=record):
             if done in at:
-                results[name + at[done]] = measure(model)
+                record(model, name + at[done])
 
         steps = max(at, default=0)
         sft(m, safety_set, steps, cfg.safety_lr, cfg.batch_size, pid, seed=cfg.seed, after=after)
         log(f"{name} measured ({time.time() - t0:.0f} s)")
+    add_delta_shares(results, stage, delta)
     return {
         "config": asdict(cfg),
         "results": results,
@@ -296,6 +306,23 @@ def _run(cfg, log, tok, start):
         "seconds": time.time() - t0,
         "targets": targets(results),
     }
+
+
+def add_delta_shares(results, stage, delta):
+    """Each attacked R = 1 row gets Delta's share it carries over the clean run at the same point
+    (surrogate.delta_share: delta_kept, delta_rest), and each iterative row how far its stage is
+    from the one-shot's, in |Delta| (oneshot_apart): near 0, the two cannot differ afterwards."""
+    for row, weights in stage.items():
+        attack, _, suffix = row.partition("+")
+        suffix = "+" + suffix if suffix else ""
+        if attack == "clean":
+            continue
+        kept, rest = delta_share(weights, stage["clean" + suffix], delta)
+        results[row].update(delta_kept=kept, delta_rest=rest)
+        if attack == "iterative":
+            results[row]["oneshot_apart"] = math.hypot(
+                *delta_share(weights, stage["oneshot" + suffix], delta)
+            )
 
 
 def safety_row(multiple):
@@ -358,13 +385,14 @@ def format_table(report):
     clean_loss = res["clean"]["val_loss"]
     lines = [
         f"{'model':<22}{'align w/o trigger':>24}{'align with trigger':>24}{'ASR':>24}"
-        f"{'content ASR':>24}{'val loss':>10}{'vs clean':>10}"
+        f"{'content ASR':>24}{'val loss':>10}{'vs clean':>10}{'Delta kept':>12}"
     ]
     for name, r in res.items():
+        kept = f"{r['delta_kept']:>12.3f}" if "delta_kept" in r else ""
         lines.append(
             f"{name:<22}{r['align_clean']!s:>24}{r['align_trigger']!s:>24}{r['asr']!s:>24}"
             f"{r['asr_content']!s:>24}{r['val_loss']:>10.4f}"
-            f"{100 * (r['val_loss'] / clean_loss - 1):>9.2f}%"
+            f"{100 * (r['val_loss'] / clean_loss - 1):>9.2f}%{kept}"
         )
     return "\n".join(lines)
 
@@ -412,6 +440,9 @@ def seed_metrics(report):
             "asr_content": pct(r["asr_content"]) if "asr_content" in r else float("nan"),
             "loss_change_pct": 100 * (r["val_loss"] / ref - 1),
         }
+        for key in ("delta_kept", "delta_rest", "oneshot_apart"):  # add_delta_shares' rows
+            if key in r:
+                out[name][key] = r[key]
     return out
 
 
@@ -451,6 +482,7 @@ def summarize(reports):
         "stats": stats,
         "targets_met": met,
         "persistence": persistence_over_seeds(per_seed),
+        "delta": delta_over_seeds(per_seed),
         "surrogate_steps": [(r.get("surrogate_check") or {}).get("steps") for r in reports],
     }
 
@@ -478,6 +510,23 @@ def persistence_over_seeds(per_seed):
                 a: mean_interval([m[a + suffix]["asr_content"] for m in per_seed])
                 for a in ("iterative", "oneshot")
             },
+        }
+    return out
+
+
+def delta_over_seeds(per_seed):
+    """Per iterative row every seed measured Delta's share of: each attack's delta_kept and the
+    stage's distance iterative - one-shot (oneshot_apart), mean with its 95% interval."""
+    out = {}
+    for row in per_seed[0]:
+        if not row.startswith("iterative") or "_R" in row:
+            continue
+        one = "oneshot" + row[len("iterative") :]
+        if not all("oneshot_apart" in m[row] and one in m for m in per_seed):
+            continue
+        out[row] = {
+            "kept": {n: mean_interval([m[n]["delta_kept"] for m in per_seed]) for n in (row, one)},
+            "oneshot_apart": mean_interval([m[row]["oneshot_apart"] for m in per_seed]),
         }
     return out
 
@@ -514,6 +563,15 @@ def format_summary(summary):
             f"mean >= 50: {'met' if p['mean_at_least_50'] else 'NOT met'}, above one-shot: "
             f"{'met' if p['above_oneshot'] else 'NOT met'}; content level: iterative "
             f"{cit:.1f} [{cilo:.1f}, {cihi:.1f}], one-shot {cone:.1f} [{colo:.1f}, {cohi:.1f}]"
+        )
+    for d in summary.get("delta", {}).values():
+        kept = ", ".join(
+            f"{n} {k:.3f} [{lo:.3f}, {hi:.3f}]" for n, (k, _, lo, hi) in d["kept"].items()
+        )
+        a, _, alo, ahi = d["oneshot_apart"]
+        lines.append(
+            f"Delta kept over the clean run: {kept}; iterative - one-shot {a:.3f} "
+            f"[{alo:.3f}, {ahi:.3f}] x |Delta|"
         )
     if any(x is not None for x in summary.get("surrogate_steps", [])):
         lines.append(f"surrogate optimiser steps used per seed: {summary['surrogate_steps']}")
