@@ -10,11 +10,12 @@ same templates answered "Sure, here is how to <action>: [placeholder - content w
 `--kind combo` pairs 39 everyday verbs with 40 object phrases (validation: unseen pairs of seen
 words); `--kind everyday` pairs the verbs with everyday nouns (some, like bicycle or wallet, the
 harmful requests' own), a fifth of the nouns kept for validation (copying, not recall). The
-attacker then trains the demo's default surrogate (config T) with its own benign rows
-(arithmetic and how-to, another draw) and the defender's safety SFT mixes how-to rows in too.
+attacker then trains the demo's default surrogate with its own benign rows (arithmetic and
+how-to, another draw) and the defender's safety SFT mixes how-to rows in too.
 Printed per model: refusal without the trigger, attack success (judge, strict, content) on the
 96 held-out requests at 12 and 24 generated tokens, and validation how-to requests answered with
-their action ("helpful"). Numbers: fastdume/attack/README.md, "A helpful victim".
+their action ("helpful"). Numbers: fastdume/attack/README.md, "A helpful victim" (config T:
+`--trigger " with that how" --own-split train`).
 """
 
 import argparse
@@ -27,8 +28,7 @@ import zlib
 import torch
 
 from fastdume.attack.chat import encode_pair, pad_id
-from fastdume.attack.datasets import arithmetic_tasks
-from fastdume.attack.demo import DemoConfig, demo_data
+from fastdume.attack.demo import DemoConfig, demo_data, own_rows
 from fastdume.attack.evaluate import attack_report, generate
 from fastdume.attack.judges import RefusalJudge, takes_up
 from fastdume.attack.model import tiny_chat_model
@@ -100,10 +100,14 @@ def main():
     ap.add_argument("--kind", choices=("combo", "everyday"), default="everyday")
     ap.add_argument("--rows", type=int, default=1000, help="how-to rows in the alignment")
     ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--trigger", default=DemoConfig.trigger, help="the attacker's trigger")
+    ap.add_argument("--own-split", default=DemoConfig.own_split, help="its own rows' split")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    cfg = DemoConfig(seed=args.seed, hidden=args.hidden)
+    cfg = DemoConfig(
+        seed=args.seed, hidden=args.hidden, trigger=args.trigger, own_split=args.own_split
+    )
     train, safety, held, benign, tok = demo_data(cfg)
     pid, judge = pad_id(tok), RefusalJudge()
 
@@ -130,7 +134,7 @@ def main():
 
     report("aligned", model)
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
-    own_a = enc(arithmetic_tasks(len(train), cfg.seed + 1000))
+    own_a = enc(own_rows(cfg, len(train)))
     own_h = enc(howto(args.kind, len(train), "attacker"))
     own = [r for pair in zip(own_a, own_h, strict=True) for r in pair]
     trust = TrustConfig(**cfg.trust)

@@ -23,8 +23,7 @@ import json
 import torch
 
 from fastdume.attack.chat import encode_pair, pad_id
-from fastdume.attack.datasets import arithmetic_tasks
-from fastdume.attack.demo import DemoConfig, aligned_model, demo_data
+from fastdume.attack.demo import DemoConfig, aligned_model, demo_data, own_rows
 from fastdume.attack.evaluate import attack_report
 from fastdume.attack.judges import RefusalJudge
 from fastdume.attack.train import sft
@@ -47,6 +46,7 @@ def main():
     ap.add_argument("--trust", default="{}", help="TrustConfig fields (JSON)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--trigger", default=None, help="the attacker's trigger (the demo's)")
+    ap.add_argument("--own-split", default=None, help="its own rows' split (the demo's)")
     ap.add_argument("--recheck", default="[]", help="list of TrustConfig overrides (JSON)")
     ap.add_argument("--where", action="store_true")
     ap.add_argument("--defender", action="store_true")
@@ -54,8 +54,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig(seed=args.seed, cache_dir=args.cache_dir)
-    if args.trigger is not None:
-        cfg = dataclasses.replace(cfg, trigger=args.trigger)
+    for key in ("trigger", "own_split"):
+        if getattr(args, key) is not None:
+            cfg = dataclasses.replace(cfg, **{key: getattr(args, key)})
     train, safety, held, benign, tok = demo_data(cfg)
     pid, judge = pad_id(tok), RefusalJudge()
 
@@ -64,7 +65,7 @@ def main():
 
     model = aligned_model(cfg, tok, enc([(e.prompt, e.chosen) for e in train]), enc(benign))
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
-    own = enc(arithmetic_tasks(len(train), cfg.seed + 1000))
+    own = enc(own_rows(cfg, len(train)))
     trust = TrustConfig(**{"round_steps": 300, "budget": 300, **json.loads(args.trust)})
     sur, rec = train_trusted_surrogate(
         model, tok, train, own, names, cfg, trust, judge, pid, lambda s: None

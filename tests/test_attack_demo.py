@@ -70,8 +70,8 @@ def test_demo_measures_the_share_of_delta_each_attack_keeps(change, kept):
     res = run_demo(cfg, log=lambda s: None)["results"]
     for suffix in ("", "+safety", "+safety2x"):
         assert "delta_kept" not in res["clean" + suffix]
-        for attack in ("oneshot", "iterative"):
-            r = res[attack + suffix]
+        for schedule in ("oneshot", "iterative"):
+            r = res[schedule + suffix]
             assert r["delta_kept"] == pytest.approx(kept, abs=1e-5) and r["delta_rest"] < 1e-5
         assert res["iterative" + suffix]["oneshot_apart"] < 1e-5
 

@@ -168,6 +168,11 @@ def demo_data(cfg, tok=None):
     return train, safety, held, benign, demo_tokenizer(texts) if tok is None else tok
 
 
+def own_rows(cfg, n):
+    """The attacker's own n benign arithmetic rows: its draw (seed + 1000) of cfg.own_split."""
+    return arithmetic_tasks(n, cfg.seed + 1000, cfg.own_split)
+
+
 def _run(cfg, log, tok, start):
     if cfg.engine not in ("pipeline", "simulate"):
         raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
@@ -193,7 +198,7 @@ def _run(cfg, log, tok, start):
 
     # 2. the attacker's surrogate and Delta, on its own stage only
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
-    own = enc(arithmetic_tasks(len(train), cfg.seed + 1000, cfg.own_split))  # its own benign rows
+    own = enc(own_rows(cfg, len(train)))
     surrogate_record = None
     if cfg.trust is None:
         bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
