@@ -175,6 +175,25 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     assert "content level: iterative nan" in format_summary(s)
 
 
+def test_summary_gives_the_share_of_delta_over_seeds():
+    from fastdume.attack.demo import format_summary, summarize
+
+    reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
+    for r, one, it, apart in zip(reports, (0.9, 0.8), (1.0, 0.9), (0.1, 0.3), strict=True):
+        r["results"]["oneshot"].update(delta_kept=one, delta_rest=0.05)
+        r["results"]["iterative"].update(delta_kept=it, delta_rest=0.05, oneshot_apart=apart)
+    s = summarize([to_json(r) for r in reports])
+    assert list(s["delta"]) == ["iterative"]  # the rows after safety SFT hold no shares here
+    d = s["delta"]["iterative"]
+    assert d["kept"]["oneshot"][0] == pytest.approx(0.85) and d["kept"]["iterative"][
+        0
+    ] == pytest.approx(0.95)
+    assert d["oneshot_apart"][:2] == pytest.approx([0.2, 0.2 / 2**0.5])
+    assert "oneshot 0.850 [" in format_summary(
+        s
+    ) and "iterative - one-shot 0.200 [" in format_summary(s)
+
+
 def test_cli_seeds_runs_the_demo_per_seed_and_writes_the_summary(tmp_path, capsys, monkeypatch):
     import fastdume.attack.demo as demo
 
@@ -289,6 +308,35 @@ def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
     got = json.loads(out.read_text())["summary"]["stats"]
     assert got["iterative"]["drop"]["ci95"] == pytest.approx(want["iterative"]["drop"]["ci95"])
     assert "over 2 seeds [0, 1]" in capsys.readouterr().out
+
+
+def test_summary_against_a_baseline_pairs_the_seeds(tmp_path, capsys):
+    from fastdume.attack.evaluate import Rate
+
+    def files(name, reports):
+        paths = [tmp_path / f"{name}{r['config']['seed']}.json" for r in reports]
+        for path, r in zip(paths, reports, strict=True):
+            path.write_text(json.dumps(to_json(r)))
+        return list(map(str, paths))
+
+    ours = [_fake_report(1, 18, 1.03), _fake_report(0, 12, 1.01)]  # asr (10 + seed) / 48
+    base = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
+    for seed, r in enumerate(base):  # the baseline's one-shot seed / 48, its iterative 2 seed / 48
+        r["results"]["oneshot+safety"]["asr"] = Rate(seed, 48)
+        r["results"]["iterative+safety"]["asr"] = Rate(2 * seed, 48)
+    out = tmp_path / "summary.json"
+    argv = ["attack", "summary", *files("s", ours), "--baseline", *files("b", base)]
+    args = attack_parser().parse_args([*argv, "--json", str(out)])
+    assert args.run(args) == 0
+    d = json.loads(out.read_text())["baseline"]["difference"]["+safety"]
+    assert d["oneshot"] == pytest.approx([100 * 10 / 48, 0.0, 100 * 10 / 48, 100 * 10 / 48])
+    mean, sd = 100 * 9.5 / 48, 100 / 48 / 2**0.5  # paired: 10 and 9 of 48
+    assert d["iterative"][:2] == pytest.approx([mean, sd])
+    assert d["iterative"][3] == pytest.approx(mean + 12.706 * sd / 2**0.5, rel=1e-4)
+    assert "iterative minus the baseline's (paired): oneshot +20.8" in capsys.readouterr().out
+    args = attack_parser().parse_args([*argv[:-1], files("c", [_fake_report(2, 12, 1.0)])[0]])
+    with pytest.raises(ValueError, match=r"same seeds: \[0, 1\] vs \[0, 2\]"):
+        args.run(args)
 
 
 def test_trust_option_overrides_the_surrogate_defaults():

@@ -519,6 +519,29 @@ def persistence_over_seeds(per_seed):
     return out
 
 
+def against_baseline(reports, baseline):
+    """This set's iterative attack against another configuration's runs of the same seeds (the
+    baseline beside it on the same data): per safety-SFT length, the paired per-seed difference
+    of attack success to the baseline's one-shot and iterative attacks, mean and 95% interval."""
+    ours = {r["config"]["seed"]: seed_metrics(r) for r in reports}
+    theirs = {r["config"]["seed"]: seed_metrics(r) for r in baseline}
+    if sorted(ours) != sorted(theirs):
+        raise ValueError(
+            f"the baseline must hold the same seeds: {sorted(ours)} vs {sorted(theirs)}"
+        )
+    seeds = sorted(ours)
+    out = {}
+    for row in ours[seeds[0]]:
+        if not row.startswith("iterative+") or not all(row in theirs[s] for s in seeds):
+            continue
+        suffix = row[len("iterative") :]
+        out[suffix] = {
+            b: mean_interval([ours[s][row]["asr"] - theirs[s][b + suffix]["asr"] for s in seeds])
+            for b in ("oneshot", "iterative")
+        }
+    return out
+
+
 def delta_over_seeds(per_seed):
     """Per iterative row every seed measured Delta's share of: each attack's delta_kept and the
     stage's distance iterative - one-shot (oneshot_apart), mean with its 95% interval."""

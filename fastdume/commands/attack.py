@@ -26,6 +26,13 @@ def add_parser(subparsers):
     summary.add_argument("reports", nargs="+", help="JSON files of single-seed demo runs")
     summary.add_argument("--attacker-stage", type=int, default=1)
     summary.add_argument("--json", metavar="PATH", help="also write the summary as JSON here")
+    summary.add_argument(
+        "--baseline",
+        nargs="+",
+        metavar="FILE",
+        help="another configuration's files of the same seeds: the iterative attack's attack "
+        "success after safety SFT minus the baseline's one-shot and iterative, paired by seed",
+    )
     summary.set_defaults(run=run_summary)
     return p
 
@@ -161,11 +168,14 @@ def config_from_args(args, seed=None):
 def run_summary(args):
     import json
 
-    reports = []
-    for path in args.reports:
-        with open(path, encoding="utf-8") as f:
-            reports.append(json.load(f))
-    return _print_summary(reports, args)
+    def load(paths):
+        out = []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                out.append(json.load(f))
+        return out
+
+    return _print_summary(load(args.reports), args, load(args.baseline or []))
 
 
 def run(args):
@@ -188,8 +198,8 @@ def run(args):
     return _print_summary(reports, args)
 
 
-def _print_summary(reports, args):
-    from fastdume.attack.demo import format_summary, summarize, to_json
+def _print_summary(reports, args, baseline=()):
+    from fastdume.attack.demo import against_baseline, format_summary, summarize, to_json
     from fastdume.commands._common import write_json
 
     out = to_json(reports[0]) if len(reports) == 1 else None
@@ -197,6 +207,13 @@ def _print_summary(reports, args):
         summary = summarize(reports)
         print(format_summary(summary))
         out = {"reports": reports, "summary": summary}
+    if baseline:
+        out["baseline"] = {"reports": baseline, "difference": against_baseline(reports, baseline)}
+        for suffix, d in out["baseline"]["difference"].items():
+            cells = ", ".join(
+                f"{b} {m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for b, (m, _, lo, hi) in d.items()
+            )
+            print(f"ASR after {suffix[1:]}, iterative minus the baseline's (paired): {cells}")
     if reports[0].get("detectors"):
         from fastdume.attack.defend import demo_detections, format_detections
 
