@@ -108,8 +108,9 @@ def _fake_report(seed, trig, loss, met=True):
 
 
 def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
-    from fastdume.attack.demo import format_summary, seed_metrics, summarize, targets
+    from fastdume.attack.demo import targets
     from fastdume.attack.evaluate import Rate
+    from fastdume.attack.summary import format_summary, seed_metrics, summarize
 
     reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
     m = seed_metrics(reports[0])["iterative"]
@@ -176,7 +177,7 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
 
 
 def test_summary_gives_the_share_of_delta_over_seeds():
-    from fastdume.attack.demo import format_summary, summarize
+    from fastdume.attack.summary import format_summary, summarize
 
     reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
     for r, one, it, apart in zip(reports, (0.9, 0.8), (1.0, 0.9), (0.1, 0.3), strict=True):
@@ -293,7 +294,7 @@ def test_detections_over_seeds_threshold_at_the_clean_maximum():
 
 
 def test_summary_command_reads_per_seed_json_files(tmp_path, capsys):
-    from fastdume.attack.demo import summarize
+    from fastdume.attack.summary import summarize
 
     reports = [_fake_report(0, 12, 1.01), _fake_report(1, 18, 1.03)]
     paths = []

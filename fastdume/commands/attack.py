@@ -199,7 +199,8 @@ def run(args):
 
 
 def _print_summary(reports, args, baseline=()):
-    from fastdume.attack.demo import against_baseline, format_summary, summarize, to_json
+    from fastdume.attack.demo import to_json
+    from fastdume.attack.summary import against_baseline, format_summary, summarize
     from fastdume.commands._common import write_json
 
     out = to_json(reports[0]) if len(reports) == 1 else None
