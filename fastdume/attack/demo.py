@@ -284,17 +284,17 @@ def _run(cfg, log, tok, start):
     safety_set += enc(benign[: len(safety_set)])
     at = {cfg.safety_steps * k: safety_row(k) for k in cfg.safety_multiples}
     stage = {}  # row -> the attacker's stage weights of the R = 1 runs, for Delta's share
+
+    def record(model, row):
+        results[row] = measure(model)
+        if "_R" not in row:
+            w = dict(model.named_parameters())
+            stage[row] = {n: w[n].detach().clone() for n in delta}
+
     for name, m in runs.items():
-
-        def record(model, row):
-            results[row] = measure(model)
-            if "_R" not in row:
-                w = dict(model.named_parameters())
-                stage[row] = {n: w[n].detach().clone() for n in delta}
-
         record(m, name)
 
-        def after(model, done, name=name, record=record):
+        def after(model, done, name=name):
             if done in at:
                 record(model, name + at[done])
 

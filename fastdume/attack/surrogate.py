@@ -74,12 +74,13 @@ def delta_share(weights, reference, delta):
     """How much of Delta weights carry over a reference ({name: tensor}, Delta's names at least):
     kept = <w - w_ref, Delta> / |Delta|^2 (1 after one injection of 1 x Delta and nothing else),
     rest = |w - w_ref - kept Delta| / |Delta| (the difference off Delta's direction)."""
-    dd = sum(x.double().square().sum() for x in delta.values())
+    delta = {n: x.double() for n, x in delta.items()}
+    dd = sum(x.square().sum() for x in delta.values())
     if dd == 0:
         raise ValueError("Delta is zero: there is no direction to measure along")
     diff = {n: weights[n].double() - reference[n].double() for n in delta}
-    kept = sum((diff[n] * delta[n].double()).sum() for n in delta) / dd
-    rest = sum((diff[n] - kept * delta[n].double()).square().sum() for n in delta)
+    kept = sum((diff[n] * delta[n]).sum() for n in delta) / dd
+    rest = sum((diff[n] - kept * delta[n]).square().sum() for n in delta)
     return float(kept), float((rest / dd).sqrt())
 
 
