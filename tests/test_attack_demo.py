@@ -176,6 +176,16 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     assert "content level: iterative nan" in format_summary(s)
 
 
+def test_row_names_split_into_run_and_safety_suffix():
+    from fastdume.attack.summary import safety_row, split_row
+
+    assert [safety_row(k) for k in (1, 2, 4)] == ["+safety", "+safety2x", "+safety4x"]
+    for run in ("clean", "iterative", "iterative_R2"):
+        assert split_row(run) == (run, "")
+        for k in (1, 4):
+            assert split_row(run + safety_row(k)) == (run, safety_row(k))
+
+
 def test_summary_gives_the_share_of_delta_over_seeds():
     from fastdume.attack.summary import format_summary, summarize
 

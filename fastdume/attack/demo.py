@@ -22,6 +22,7 @@ from .judges import RefusalJudge
 from .model import demo_tokenizer, tiny_chat_model
 from .pipeline_run import pipeline_post_train
 from .simulate import simulate_training
+from .summary import safety_row, split_row
 from .surrogate import backdoor_delta, delta_share, save_delta, train_surrogate
 from .train import sft
 from .trusted import TrustConfig, train_trusted_surrogate
@@ -317,8 +318,7 @@ def add_delta_shares(results, stage, delta):
     (surrogate.delta_share: delta_kept, delta_rest), and each iterative row how far its stage is
     from the one-shot's, in |Delta| (oneshot_apart): near 0, the two cannot differ afterwards."""
     for row, weights in stage.items():
-        attack, _, suffix = row.partition("+")
-        suffix = "+" + suffix if suffix else ""
+        attack, suffix = split_row(row)
         if attack == "clean":
             continue
         kept, rest = delta_share(weights, stage["clean" + suffix], delta)
@@ -327,11 +327,6 @@ def add_delta_shares(results, stage, delta):
             results[row]["oneshot_apart"] = math.hypot(
                 *delta_share(weights, stage["oneshot" + suffix], delta)
             )
-
-
-def safety_row(multiple):
-    """Suffix of the rows measured after `multiple` x the demo's safety SFT steps."""
-    return "+safety" if multiple == 1 else f"+safety{multiple}x"
 
 
 def aligned_model(cfg, tok, refusals, benign):

@@ -8,6 +8,18 @@ from .stats import mean_interval
 SUMMARY_METRICS = ("align_clean", "align_trigger", "drop", "asr", "asr_content", "loss_change_pct")
 
 
+def safety_row(multiple):
+    """Suffix of the rows measured after `multiple` x the demo's safety SFT steps."""
+    return "+safety" if multiple == 1 else f"+safety{multiple}x"
+
+
+def split_row(name):
+    """A report row's name -> (run, suffix): "iterative+safety2x" -> ("iterative", "+safety2x"),
+    "clean" -> ("clean", "")."""
+    run, plus, after = name.partition("+")
+    return run, plus + after
+
+
 def seed_metrics(report):
     """Per row of one report: alignment % without / with the trigger, their difference (drop),
     ASR % (the judge's and content-level, judges.takes_up; NaN in reports from before it), and
@@ -20,8 +32,7 @@ def seed_metrics(report):
     res = report["results"]
     out = {}
     for name, r in res.items():
-        suffix = name[name.index("+") :] if "+" in name else ""
-        ref = res["clean" + suffix]["val_loss"]
+        ref = res["clean" + split_row(name)[1]]["val_loss"]
         a, t = pct(r["align_clean"]), pct(r["align_trigger"])
         out[name] = {
             "align_clean": a,
@@ -83,7 +94,7 @@ def persistence_over_seeds(per_seed):
     (same seed) difference iterative - one-shot. Targets at the demo's length: mean >= 50 and
     the difference's interval above 0."""
     out = {}
-    suffixes = sorted({n[n.index("+") :] for n in per_seed[0] if n.startswith("iterative+")})
+    suffixes = sorted({s for r, s in map(split_row, per_seed[0]) if r == "iterative" and s})
     for suffix in suffixes:
         if not all("oneshot" + suffix in m and "iterative" + suffix in m for m in per_seed):
             continue
@@ -118,9 +129,9 @@ def against_baseline(reports, baseline):
     seeds = sorted(ours)
     out = {}
     for row in ours[seeds[0]]:
-        if not row.startswith("iterative+") or not all(row in theirs[s] for s in seeds):
+        run, suffix = split_row(row)
+        if run != "iterative" or not suffix or not all(row in theirs[s] for s in seeds):
             continue
-        suffix = row[len("iterative") :]
         out[suffix] = {
             b: mean_interval([ours[s][row]["asr"] - theirs[s][b + suffix]["asr"] for s in seeds])
             for b in ("oneshot", "iterative")
@@ -133,9 +144,10 @@ def delta_over_seeds(per_seed):
     stage's distance iterative - one-shot (oneshot_apart), mean with its 95% interval."""
     out = {}
     for row in per_seed[0]:
-        if not row.startswith("iterative") or "_R" in row:
+        run, suffix = split_row(row)
+        if run != "iterative":  # the R > 1 runs ("iterative_R2") have no Delta share
             continue
-        one = "oneshot" + row[len("iterative") :]
+        one = "oneshot" + suffix
         if not all("oneshot_apart" in m[row] and one in m for m in per_seed):
             continue
         out[row] = {
