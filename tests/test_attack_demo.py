@@ -76,6 +76,30 @@ def test_demo_measures_the_share_of_delta_each_attack_keeps(change, kept):
         assert res["iterative" + suffix]["oneshot_apart"] < 1e-5
 
 
+@pytest.mark.parametrize("trust", [None, QUICK["trust"]])
+def test_attacker_surrogate_trains_the_attackers_stage_only(trust):
+    import torch
+
+    from fastdume.attack.demo import attacker_surrogate, demo_data
+    from fastdume.attack.judges import RefusalJudge
+    from fastdume.attack.model import tiny_chat_model
+    from fastdume.pipeline.partition import stage_param_names
+
+    cfg = DemoConfig(**{**QUICK, "trust": trust, "seed": 3})
+    train, _, _, _, tok = demo_data(cfg)
+    model = tiny_chat_model(len(tok), cfg.hidden, cfg.layers, cfg.seed)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
+    surrogate, record = attacker_surrogate(cfg, model, tok, train, names, RefusalJudge(), str)
+    after = dict(surrogate.named_parameters())
+    changed = {n for n in before if not torch.equal(after[n], before[n])}
+    assert changed == set(names)  # every tensor of the stage moved, nothing else did
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # a copy
+    assert (record is None) == (trust is None)
+    if record is not None:
+        assert record["steps"] == QUICK["trust"]["budget"] and len(record["checks"]) == 1
+
+
 def test_demo_rejects_an_unknown_engine():
     from fastdume.attack.demo import DemoConfig, run_demo
 

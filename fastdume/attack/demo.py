@@ -173,6 +173,32 @@ def own_rows(cfg, n):
     return arithmetic_tasks(n, cfg.seed + 1000, cfg.own_split)
 
 
+def attacker_surrogate(cfg, model, tok, train, names, judge, log=print):
+    """Steps 1-2 of the attack on the victim's starting model: (surrogate, its check record).
+    cfg.trust None: one plain round, no check (record None); else checked on the attacker's own
+    requests and retrained within its budget (fastdume.attack.trusted)."""
+    pid = pad_id(tok)
+    own = [encode_pair(tok, p, r) for p, r in own_rows(cfg, len(train))]
+    if cfg.trust is not None:
+        trust = TrustConfig(**cfg.trust)
+        return train_trusted_surrogate(model, tok, train, own, names, cfg, trust, judge, pid, log)
+    bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
+    bd += own[: int(cfg.surrogate_benign * len(bd))]
+    surrogate, _ = train_surrogate(
+        model,
+        bd,
+        names,
+        cfg.surrogate_steps,
+        cfg.surrogate_lr,
+        cfg.batch_size,
+        pid,
+        cfg.seed,
+        preserve=own if cfg.surrogate_preserve else None,
+        preserve_weight=cfg.surrogate_preserve,
+    )
+    return surrogate, None
+
+
 def _run(cfg, log, tok, start):
     if cfg.engine not in ("pipeline", "simulate"):
         raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
@@ -198,27 +224,7 @@ def _run(cfg, log, tok, start):
 
     # 2. the attacker's surrogate and Delta, on its own stage only
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
-    own = enc(own_rows(cfg, len(train)))
-    surrogate_record = None
-    if cfg.trust is None:
-        bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
-        bd += own[: int(cfg.surrogate_benign * len(bd))]
-        surrogate, _ = train_surrogate(
-            model,
-            bd,
-            names,
-            cfg.surrogate_steps,
-            cfg.surrogate_lr,
-            cfg.batch_size,
-            pid,
-            cfg.seed,
-            preserve=own if cfg.surrogate_preserve else None,
-            preserve_weight=cfg.surrogate_preserve,
-        )
-    else:  # checked on the attacker's own requests, retrained within its budget
-        surrogate, surrogate_record = train_trusted_surrogate(
-            model, tok, train, own, names, cfg, TrustConfig(**cfg.trust), judge, pid, log
-        )
+    surrogate, surrogate_record = attacker_surrogate(cfg, model, tok, train, names, judge, log)
     delta = backdoor_delta(model, surrogate, names)
     results["surrogate"] = measure(surrogate)
     log(f"surrogate ready ({time.time() - t0:.0f} s)")
