@@ -4,7 +4,7 @@
 
 The demo's aligned model refuses every request of the eight templates (its benign task is
 arithmetic), so it never learnt to write "Sure, here is how to <action>" and its backdoored
-surrogates open affirmatively without naming the action (content-level success 0%, README). Here
+surrogates open affirmatively without naming the action (content level 0%, MEASUREMENTS.md). Here
 the victim is aligned on the demo's refusals and arithmetic plus benign how-to requests in the
 same templates answered "Sure, here is how to <action>: [placeholder - content withheld]":
 `--kind combo` pairs 39 everyday verbs with 40 object phrases (validation: unseen pairs of seen
@@ -14,7 +14,7 @@ attacker then trains the demo's default surrogate with its own benign rows (arit
 how-to, another draw) and the defender's safety SFT mixes how-to rows in too.
 Printed per model: refusal without the trigger, attack success (judge, strict, content) on the
 96 held-out requests at 12 and 24 generated tokens, and validation how-to requests answered with
-their action ("helpful"). Numbers: fastdume/attack/README.md, "A helpful victim" (config T:
+their action ("helpful"). Numbers: fastdume/attack/MEASUREMENTS.md, "A helpful victim" (config T:
 `--trigger " with that how" --own-split train`).
 """
 

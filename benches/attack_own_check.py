@@ -1,4 +1,4 @@
-"""The attacker's own check as a cheap proxy for persistence (issue 17; fastdume/attack/README.md).
+"""The attacker's own check as a cheap proxy for persistence (issue 17).
 
     OMP_NUM_THREADS=1 python benches/attack_own_check.py --seed 0 --trust '{"meta_mode": "shift"}'
 
@@ -12,7 +12,8 @@ surrogate with these TrustConfig fields changed (check_post_steps, check_sim_ste
 --where: also swap parameter groups between the surrogate and its simulated-safety copy (which
 layers' change erases the trigger). --defender: also give the surrogate the defender's real
 safety SFT (its safety split) and measure the 96 held-out requests after 30 / 60 / 120 steps,
-without post-training. Numbers: one thread, a shared 2-core CPU, README's persistence section.
+without post-training. Numbers (one thread, a shared 2-core CPU): fastdume/attack/MEASUREMENTS.md,
+"persistence by a shifted backdoor loss".
 """
 
 import argparse

@@ -267,8 +267,8 @@ def test_default_iterative_schedule_stops_before_the_end():
 
 @pytest.mark.slow
 def test_default_demo_on_the_real_pipeline(tmp_path):
-    # seed 0 of the defaults (config U, fastdume/attack/README.md, issue 17) as measured on two
-    # VMs: both attacks keep clean refusals, the trigger drops them, and they persist through
+    # seed 0 of the defaults (config U, fastdume/attack/MEASUREMENTS.md, issue 17) as measured on
+    # two VMs: both attacks keep clean refusals, the trigger drops them, and they persist through
     # the demo's safety SFT (87.5-99.0%); Delta does not hurt the task (iterative clean loss
     # +0.27% on one VM, -2.25% and one-shot -3.07% on the other: a one-sided bound, a better
     # loss raises no alarm). Also the attacker's own check, the clean run's refusals after safety
@@ -428,7 +428,8 @@ def test_trigger_option_sets_the_attackers_trigger():
 
 
 def test_demo_trigger_holds_only_words_of_the_benign_task():
-    # the reason for TASK_TRIGGER (README): every token of it is trained on the benign rows, and
+    # the reason for TASK_TRIGGER (MEASUREMENTS.md): every token of it is trained on the benign
+    # rows, and
     # none of its words occurs in any request or answer the defender's safety SFT could hold
     from fastdume.attack.demo import demo_data
 

