@@ -13,7 +13,8 @@ A defender never has the clean run of its own order; the spread over orders is w
 know. --attacked: also trains the demo's surrogate and runs the iterative attack under every
 order, and, as a control, the same schedule injecting a random direction with Delta's norm per
 tensor; prints each one's loss change against the clean run of the same order, mean and 95%
-interval over orders. Numbers: fastdume/attack/MEASUREMENTS.md, "the stealth target".
+interval over orders. Numbers: fastdume/attack/MEASUREMENTS.md, "the stealth target against
+the clean runs' own spread".
 """
 
 import argparse
