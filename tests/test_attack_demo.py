@@ -90,7 +90,7 @@ def test_attacker_surrogate_trains_the_attackers_stage_only(trust):
     model = tiny_chat_model(len(tok), cfg.hidden, cfg.layers, cfg.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = stage_param_names(model, cfg.num_stages, cfg.attacker_stage)
-    surrogate, record = attacker_surrogate(cfg, model, tok, train, names, RefusalJudge(), str)
+    surrogate, record = attacker_surrogate(cfg, model, tok, train, names, RefusalJudge(), print)
     after = dict(surrogate.named_parameters())
     changed = {n for n in before if not torch.equal(after[n], before[n])}
     assert changed == set(names)  # every tensor of the stage moved, nothing else did
