@@ -20,16 +20,20 @@ the clean runs' own spread".
 import argparse
 import json
 import statistics
-import tempfile
 
 import torch
 
 from fastdume.attack.chat import encode_pair
 from fastdume.attack.datasets import arithmetic_tasks
-from fastdume.attack.demo import DemoConfig, aligned_model, attacker_surrogate, demo_data
+from fastdume.attack.demo import (
+    DemoConfig,
+    aligned_model,
+    attacker_surrogate,
+    demo_data,
+    pipeline_post,
+)
 from fastdume.attack.evaluate import response_loss
 from fastdume.attack.judges import RefusalJudge
-from fastdume.attack.pipeline_run import pipeline_post_train
 from fastdume.attack.stats import mean_interval
 from fastdume.attack.surrogate import backdoor_delta
 from fastdume.pipeline.partition import stage_param_names
@@ -43,12 +47,7 @@ def post_losses(cfg, model, tok, benign, orders, delta=None):
     schedule = None if delta is None else {"mode": "iterative", **cfg.iterative}
     losses = []
     for order in orders:
-        with tempfile.TemporaryDirectory(prefix="fastdume-spread-") as work:
-            m, _ = pipeline_post_train(
-                model, tok, benign, work, cfg.post_steps, cfg.post_lr, cfg.num_stages, 1,
-                cfg.batch_size, seq_len=seq_len, delta=delta, schedule=schedule,
-                attacker_stage=cfg.attacker_stage, seed=order, timeout=600.0,
-            )  # fmt: skip
+        m, _ = pipeline_post(cfg, model, tok, benign, seq_len, delta, schedule, seed=order)
         losses.append(response_loss(m, tok, val))
     return losses
 

@@ -200,6 +200,34 @@ def attacker_surrogate(cfg, model, tok, train, names, judge, log=print):
     return surrogate, None
 
 
+def pipeline_post(
+    cfg, model, tok, benign, seq_len, delta=None, schedule=None, replicas=1, seed=None, **extra
+):
+    """The victims' post-training of a copy of model on the benign pairs in the real pipeline,
+    Delta injected on schedule by the attacker's stage (neither: a clean run); seed is the data
+    order (cfg.seed if None); extra: pipeline_post_train's (detectors). -> (model, summary)."""
+    with tempfile.TemporaryDirectory(prefix="fastdume-attack-") as work:
+        return pipeline_post_train(
+            model,
+            tok,
+            benign,
+            work,
+            cfg.post_steps,
+            cfg.post_lr,
+            cfg.num_stages,
+            replicas,
+            cfg.batch_size,
+            seq_len=seq_len,
+            delta=delta,
+            schedule=schedule,
+            attacker_stage=cfg.attacker_stage,
+            attacker_replica=cfg.attacker_replica,
+            seed=cfg.seed if seed is None else seed,
+            timeout=600.0,  # a shared CPU can stall one stage for minutes
+            **extra,
+        )
+
+
 def _run(cfg, log, tok, start):
     if cfg.engine not in ("pipeline", "simulate"):
         raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
@@ -237,26 +265,17 @@ def _run(cfg, log, tok, start):
 
     def post_train(schedule, replicas=1, name=None):
         if cfg.engine == "pipeline":
-            with tempfile.TemporaryDirectory(prefix="fastdume-attack-") as work:
-                m, summary = pipeline_post_train(
-                    model,
-                    tok,
-                    benign,
-                    work,
-                    cfg.post_steps,
-                    cfg.post_lr,
-                    cfg.num_stages,
-                    replicas,
-                    cfg.batch_size,
-                    seq_len=max(len(ids) for ids, _ in post),
-                    delta=delta if schedule else None,
-                    schedule=schedule,
-                    attacker_stage=cfg.attacker_stage,
-                    attacker_replica=cfg.attacker_replica,
-                    seed=cfg.seed,
-                    detectors=cfg.detectors if name else None,
-                    timeout=600.0,  # a shared CPU can stall one stage for minutes
-                )
+            m, summary = pipeline_post(
+                cfg,
+                model,
+                tok,
+                benign,
+                seq_len=max(len(ids) for ids, _ in post),
+                delta=delta if schedule else None,
+                schedule=schedule,
+                replicas=replicas,
+                detectors=cfg.detectors if name else None,
+            )
             if name and cfg.detectors:
                 from .defend import demo_scores
 
