@@ -1,6 +1,7 @@
 """The attacker's trusted surrogate: own split, simulated safety SFT, meta gradient, budget."""
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -365,6 +366,11 @@ def test_own_check_simulates_post_training_before_safety(base, tok):
     sft(ref, refusals, 1, 1e-2, 4, pid, seed=5)
     end = attack_report(ref, tok, [e.prompt for e in check], judge, " SUDO")["asr"].pct
     assert (got["asr_after_sim_post"], got["asr_after_sim_safety"]) == (mid, end)
+    loose = dict(min_drop=-100.0, min_clean=0.0, min_persist=0.0)
+    for bar, passes in ((mid, True), (mid + 1.0, False)):  # min_post bounds the middle result
+        strict = replace(trust, min_post=bar, **loose)
+        args = (base, tok, check, refusals, judge, " SUDO", strict, 4, pid, 5)
+        assert own_check(*args, post_rows=post)["passed"] is passes, bar
     with pytest.raises(ValueError, match="post_rows"):
         own_check(base, tok, check, refusals, judge, " SUDO", trust, 4, pid, 5)
 

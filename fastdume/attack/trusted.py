@@ -86,6 +86,9 @@ class TrustConfig:
     # their lr), as the real Delta reaches the defender only after post-training moved the model
     check_post_steps: int = 0
     check_post_lr: float = 1e-4
+    # with check_post_steps: attack success % after that simulated post-training alone (the
+    # victims' post-training can already take the trigger's effect back; seed 6's did). 0: off
+    min_post: float = 0.0
     # "shift": Gaussian noise added to the shifted weights at every step, per tensor with the RMS
     # of that tensor's simulated change times shift_noise: robust to the direction the defender's
     # change takes, not only to the attacker's one simulated guess of it. 0: none
@@ -209,6 +212,7 @@ def own_check(
         out["drop"] >= trust.min_drop
         and out["align_clean"] >= trust.min_clean
         and out["asr_after_sim_safety"] >= trust.min_persist
+        and out.get("asr_after_sim_post", 100.0) >= trust.min_post
     )
     return out
 
@@ -219,6 +223,7 @@ def _score(check, trust):
         check["drop"] - trust.min_drop,
         check["align_clean"] - trust.min_clean,
         check["asr_after_sim_safety"] - trust.min_persist,
+        check.get("asr_after_sim_post", 100.0) - trust.min_post,
     )
 
 
