@@ -312,6 +312,11 @@ def test_safety_holdout_keeps_the_simulated_safety_requests_out_of_the_backdoor(
             base, tok, requests, own, names, _cfg(), TrustConfig(shift_noise=-1.0),
             RefusalJudge(), tok.pad_token_id, print,
         )  # fmt: skip
+    with pytest.raises(ValueError, match="min_post"):
+        train_trusted_surrogate(
+            base, tok, requests, own, names, _cfg(), TrustConfig(min_post=80.0),
+            RefusalJudge(), tok.pad_token_id, print,
+        )  # fmt: skip
 
 
 def _key(row):

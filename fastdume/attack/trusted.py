@@ -267,6 +267,8 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             f"shift_noise, check_post_steps and decoys must be >= 0, got {trust.shift_noise}, "
             f"{trust.check_post_steps}, {trust.decoys}"
         )
+    if trust.min_post > 0 and not trust.check_post_steps:
+        raise ValueError(f"min_post={trust.min_post} needs check_post_steps > 0 (what it bounds)")
     train, check, refusals, sim_refusals, pieces = own_data(tok, examples, benign, cfg, trust)
     refusal_rows = sim_refusals + benign[: len(sim_refusals)]
     draw = safety_draw(sim_refusals, benign, trust.sim_requests)
