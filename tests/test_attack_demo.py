@@ -98,6 +98,7 @@ def test_attacker_surrogate_trains_the_attackers_stage_only(trust):
     assert (record is None) == (trust is None)
     if record is not None:
         assert record["steps"] == QUICK["trust"]["budget"] and len(record["checks"]) == 1
+        assert "asr_after_sim_post" in record["checks"][0]  # config W checks after post-training
 
 
 def test_demo_rejects_an_unknown_engine():

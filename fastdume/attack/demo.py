@@ -75,7 +75,10 @@ class DemoConfig:
     # the weight change of a simulated 30-step safety SFT (refreshed every 30 steps) on 48 own
     # requests, some with untrained decoy tokens as the defender's prompts have; the first-order
     # meta step it replaced left 0.2% attack success after safety SFT (T: 61.2% and 34.8% over 5
-    # seeds on two machines).
+    # seeds on two machines). Config W adds the victims' post-training, simulated on own benign
+    # rows: 50 steps before each simulated safety SFT of the shifted loss, and in the check their
+    # 150 steps at their lr, after which the trigger must still succeed on 80% of the own check
+    # requests (W: 87.2% after safety SFT and >= 50% on 10/10 seeds; U, without: 78.2%, 8/10).
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,
@@ -88,6 +91,9 @@ class DemoConfig:
             "preserve_refusals": True,
             "sim_requests": 48,
             "sim_decoys": True,
+            "sim_post_steps": 50,
+            "check_post_steps": 150,
+            "min_post": 80.0,
         }
     )
     safety_steps: int = 30
@@ -136,6 +142,8 @@ QUICK = {  # a smoke configuration: exercises every step, measures nothing meani
         "check_sim_steps": 2,
         "check_requests": 8,
         "sim_requests": 8,
+        "sim_post_steps": 1,
+        "check_post_steps": 2,
     },
     "safety_steps": 3,
     "safety_multiples": (1, 2),
