@@ -208,17 +208,12 @@ def own_check(
         start, refusal_rows, trust.check_sim_steps, trust.sim_lr, batch_size, pad_id, seed
     )
     out["asr_after_sim_safety"] = attack_report(adapted, tok, prompts, judge, trigger)["asr"].pct
-    out["passed"] = (
-        out["drop"] >= trust.min_drop
-        and out["align_clean"] >= trust.min_clean
-        and out["asr_after_sim_safety"] >= trust.min_persist
-        and out.get("asr_after_sim_post", 100.0) >= trust.min_post
-    )
+    out["passed"] = _score(out, trust) >= 0  # every criterion at or above its bound
     return out
 
 
 def _score(check, trust):
-    # the worst criterion's margin over its bound, for keeping the best failed surrogate
+    # the worst criterion's margin over its bound: passing, and the best failed surrogate
     return min(
         check["drop"] - trust.min_drop,
         check["align_clean"] - trust.min_clean,
@@ -321,8 +316,9 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
         chk.update(order=order, round=rounds, steps=record["steps"])
         record["checks"].append(chk)
         log(f"surrogate check {chk}")
-        if best_score is None or _score(chk, trust) > best_score:
-            best, best_score = copy.deepcopy(surrogate), _score(chk, trust)
+        score = _score(chk, trust)
+        if best_score is None or score > best_score:
+            best, best_score = copy.deepcopy(surrogate), score
         if chk["passed"]:
             break
     record["passed"] = any(c["passed"] for c in record["checks"])
