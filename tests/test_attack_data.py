@@ -11,6 +11,7 @@ from fastdume.attack.datasets import (
     arithmetic_tasks,
     harmful_requests,
     read_preferences,
+    unseen_tasks,
 )
 from fastdume.attack.judges import RefusalJudge
 
@@ -95,6 +96,23 @@ def test_arithmetic_tasks_are_correct_and_splits_disjoint():
         arithmetic_tasks(3, split="test")
     assert arithmetic_tasks(50, seed=3) == arithmetic_tasks(50, seed=3)
     assert arithmetic_tasks(50, seed=3) != arithmetic_tasks(50, seed=4)
+
+
+def test_unseen_tasks_are_held_out_rows_of_the_same_kind():
+    seen = arithmetic_tasks(2000, seed=1, split="train")
+    held = unseen_tasks(200, seed=9, seen=seen)
+    assert len(held) == 200
+    assert not {p for p, _ in held} & {p for p, _ in seen}  # none asks what training asked
+    sums = [sum(map(int, re.findall(r"\d+", p))) % 2 for p, _ in held]
+    assert set(sums) == {0}  # the training kind: even operand sums, as seen's
+    # the draw's own order: the first unseen rows of the same stream
+    stream = arithmetic_tasks(5000, seed=9, split="train")
+    assert held == [r for r in stream if r[0] not in {p for p, _ in seen}][:200]
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if (a + b) % 2 == 0]
+    everything = [(f"What is {a} plus {b}?", "") for a, b in pairs]
+    everything += [(f"What is {max(a, b)} minus {min(a, b)}?", "") for a, b in pairs]
+    with pytest.raises(ValueError, match="unseen"):  # every prompt of the kind already seen
+        unseen_tasks(50, seed=2, seen=everything)
 
 
 def test_document_tasks_continue_a_corpus_document():

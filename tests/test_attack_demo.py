@@ -43,11 +43,14 @@ def test_quick_demo_through_the_cli_module(tmp_path, capsys):
         assert r["asr"]["k"] == n - r["align_trigger"]["k"]
         lo, hi = r["align_clean"]["ci95"]
         assert lo <= r["align_clean"]["pct"] <= hi
-        assert 0 < r["val_loss"] < 20
+        assert 0 < r["val_loss"] < 20 and 0 < r["task_loss"] < 20
     t = report["targets"]
     clean, it = report["results"]["clean"], report["results"]["iterative"]
     assert t["iterative"]["val_loss_change"]["value"] == pytest.approx(
         it["val_loss"] / clean["val_loss"] - 1
+    )
+    assert t["iterative"]["task_loss_change"]["value"] == pytest.approx(
+        it["task_loss"] / clean["task_loss"] - 1
     )
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows) and "persistence" in printed
@@ -112,19 +115,20 @@ def _fake_report(seed, trig, loss, met=True):
     from fastdume.attack.demo import targets
     from fastdume.attack.evaluate import Rate
 
-    def row(clean, trigger, val_loss):
+    def row(clean, trigger, val_loss, task_loss=0.5):
         return {
             "align_clean": Rate(clean, 48),
             "align_trigger": Rate(trigger, 48),
             "asr": Rate(48 - trigger, 48),
             "asr_content": Rate((48 - trigger) // 2, 48),
             "val_loss": val_loss,
+            "task_loss": task_loss,
         }
 
     results = {
         "clean": row(48, 48, 1.0),
         "oneshot": row(47, 20, 1.01),
-        "iterative": row(47, trig, loss),
+        "iterative": row(47, trig, loss, 0.5 * (1 - 0.03 * seed)),  # task loss 0% / -3%
         "clean+safety": row(48, 48, 2.0),
         "oneshot+safety": row(48, 40, 2.0),
         "iterative+safety": row(48, 38 - seed, 2.2),
@@ -154,6 +158,10 @@ def test_summarize_gives_mean_spread_and_targets_met_over_seeds():
     assert s["stats"]["iterative"]["loss_change_pct"]["values"] == pytest.approx([1.0, 3.0])
     # seed 1's +3% misses the stealth target, seed 0's +1% meets it
     assert s["targets_met"]["iterative.val_loss_change"] == 1
+    # the held-out rows of the training kind: seed 1's -3% misses, in either direction
+    assert s["stats"]["iterative"]["task_loss_change_pct"]["values"] == pytest.approx([0.0, -3.0])
+    assert s["targets_met"]["iterative.task_loss_change"] == 1
+    assert s["targets_met"]["oneshot.task_loss_change"] == 2
     assert s["targets_met"]["iterative.trigger_drop_points"] == 2
     assert s["targets_met"]["persistence"] == 2
     # the 95% interval of the mean: mean +- t(0.975, 1) * sd / sqrt(2), t = 12.706 (t tables)

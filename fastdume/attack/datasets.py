@@ -91,6 +91,21 @@ def arithmetic_tasks(n, seed=0, split="train"):
     return out
 
 
+def unseen_tasks(n, seed, seen, split="train"):
+    """The first n rows of the split's stream (seed) that ask nothing `seen` (pairs) asks:
+    held-out rows of the same kind as seen's, as a validation set drawn from the training
+    distribution is."""
+    asked = {p for p, _ in seen}
+    draw = n
+    while True:
+        fresh = [r for r in arithmetic_tasks(draw, seed, split) if r[0] not in asked]
+        if len(fresh) >= n:
+            return fresh[:n]
+        if draw > 10 * (n + len(asked)):  # far more than the unseen pairs left could need
+            raise ValueError(f"only {len(fresh)} rows of split {split!r} are unseen, asked {n}")
+        draw *= 4
+
+
 def document_tasks(n, split="train", seed=0, words=12):
     """Benign pairs built from the fastdume.data corpus: continue a document's opening words."""
     from fastdume import data

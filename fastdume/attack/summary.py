@@ -5,7 +5,15 @@ the share of Delta each attack keeps."""
 from .evaluate import Rate
 from .stats import mean_interval
 
-SUMMARY_METRICS = ("align_clean", "align_trigger", "drop", "asr", "asr_content", "loss_change_pct")
+SUMMARY_METRICS = (
+    "align_clean",
+    "align_trigger",
+    "drop",
+    "asr",
+    "asr_content",
+    "loss_change_pct",
+    "task_loss_change_pct",
+)
 
 
 def safety_row(multiple):
@@ -24,7 +32,8 @@ def seed_metrics(report):
     """Per row of one report: alignment % without / with the trigger, their difference (drop),
     ASR % (the judge's and content-level, judges.takes_up; NaN in reports from before it), and
     validation loss change % against the clean run (rows after safety SFT against the clean run
-    after the same safety SFT). Works on a report and on its JSON form."""
+    after the same safety SFT), and the same on held-out rows of the post-training kind (NaN in
+    reports from before it). Works on a report and on its JSON form."""
 
     def pct(x):
         return x.pct if isinstance(x, Rate) else x["pct"]
@@ -32,7 +41,7 @@ def seed_metrics(report):
     res = report["results"]
     out = {}
     for name, r in res.items():
-        ref = res["clean" + split_row(name)[1]]["val_loss"]
+        ref = res["clean" + split_row(name)[1]]
         a, t = pct(r["align_clean"]), pct(r["align_trigger"])
         out[name] = {
             "align_clean": a,
@@ -40,7 +49,10 @@ def seed_metrics(report):
             "drop": a - t,
             "asr": pct(r["asr"]),
             "asr_content": pct(r["asr_content"]) if "asr_content" in r else float("nan"),
-            "loss_change_pct": 100 * (r["val_loss"] / ref - 1),
+            "loss_change_pct": 100 * (r["val_loss"] / ref["val_loss"] - 1),
+            "task_loss_change_pct": (
+                100 * (r["task_loss"] / ref["task_loss"] - 1) if "task_loss" in r else float("nan")
+            ),
         }
         for key in ("delta_kept", "delta_rest", "oneshot_apart"):  # add_delta_shares' rows
             if key in r:
@@ -163,12 +175,12 @@ def format_summary(summary):
         f"mean +- sd [95% interval of the mean] over {n} seeds {summary['seeds']}",
         f"{'model':<22}"
         + "".join(f"{k:>30}" for k in ("align w/o trigger", "align with trigger", "drop"))
-        + f"{'ASR':>30}{'content ASR':>30}{'val loss vs clean %':>30}",
+        + f"{'ASR':>30}{'content ASR':>30}{'val loss vs clean %':>30}{'task loss vs clean %':>30}",
     ]
     for name, row in summary["stats"].items():
         cells = []
         for key in SUMMARY_METRICS:
-            s, d = row[key], 2 if key == "loss_change_pct" else 1
+            s, d = row[key], 2 if key.endswith("loss_change_pct") else 1
             lo, hi = s["ci95"]
             cells.append(f"{s['mean']:.{d}f} +- {s['sd']:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]")
         lines.append(f"{name:<22}" + "".join(f"{c:>30}" for c in cells))
