@@ -17,6 +17,7 @@ from fastdume.attack.train import batches, sft
 from fastdume.attack.trusted import (
     TrustConfig,
     holdout_split,
+    neutral_after_post,
     own_check,
     own_split,
     post_safety_gradient,
@@ -392,4 +393,72 @@ def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, to
         train_trusted_surrogate(
             base, tok, requests, own, names, _cfg(), TrustConfig(decoys=-1), RefusalJudge(),
             tok.pad_token_id, print,
+        )  # fmt: skip
+
+
+def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
+    base, tok, monkeypatch
+):
+    # reference: the clean post-training by hand (P), then KL(P || P + Delta) in float64
+    names = stage_param_names(base, 4, 1)
+    pid = tok.pad_token_id
+    rows = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
+    trust = TrustConfig(check_post_steps=2, check_post_lr=2e-2, preserve_post=3.0)
+    extra = neutral_after_post(base, rows, trust, 4, pid, seed=5)
+    post = copy.deepcopy(base)
+    sft(post, rows, 2, 2e-2, 4, pid, seed=5 + 17)
+    model, moved = copy.deepcopy(base), copy.deepcopy(post)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in names:  # Delta: a random change of the stage only
+            d = 0.05 * torch.randn(dict(model.named_parameters())[n].shape, generator=gen)
+            dict(model.named_parameters())[n].add_(d)
+            dict(moved.named_parameters())[n].add_(d)
+    data = batches(rows, 4, pid, 5 + 19)
+    b = next(data)
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    with torch.no_grad():
+        p = torch.log_softmax(post.eval()(**inputs).logits.double(), -1)
+        q = torch.log_softmax(moved.eval()(**inputs).logits.double(), -1)
+    mask = b["attention_mask"].double()
+    want = 3.0 * ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+    model.eval()
+    got = extra(model)
+    assert want > 1e-4  # a real change to hold back, not a zero
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    stage = [dict(model.named_parameters())[n] for n in names]
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(got, stage))  # reaches the stage
+    assert extra(copy.deepcopy(base).eval()).abs() < 1e-6  # no Delta, nothing to hold
+    # handed to every round's training, built once (one simulated post-training)
+    import fastdume.attack.trusted as trusted
+
+    built, terms = [], []
+    monkeypatch.setattr(
+        trusted, "neutral_after_post", lambda *a: built.append(a) or (lambda m: torch.ones(()))
+    )
+
+    def fake_train(model, bd, names, steps, lr, bs, pid, seed, extra=None, **kw):
+        terms.append(extra(model))
+        return copy.deepcopy(model), []
+
+    monkeypatch.setattr(trusted, "train_surrogate", fake_train)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    loop = TrustConfig(
+        round_steps=1,
+        budget=2,
+        check_requests=8,
+        check_sim_steps=1,
+        check_post_steps=1,
+        preserve_post=2.0,
+        min_drop=101.0,
+    )  # fmt: skip  (never passes: both rounds run)
+    train_trusted_surrogate(
+        base, tok, harmful_requests("train")[:40], own, names, _cfg(), loop, RefusalJudge(),
+        pid, print,
+    )  # fmt: skip
+    assert len(built) == 1 and built[0][1] == own and terms == [1.0, 1.0]
+    with pytest.raises(ValueError, match="preserve_post"):
+        train_trusted_surrogate(
+            base, tok, harmful_requests("train")[:40], own, names, _cfg(),
+            TrustConfig(preserve_post=1.0), RefusalJudge(), pid, print,
         )  # fmt: skip

@@ -50,13 +50,18 @@ def _distill_to(reference, data, weight):
         b = next(data)
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
         with torch.no_grad():
-            target = torch.log_softmax(reference(**inputs).logits.float(), -1)
-        logp = torch.log_softmax(model(**inputs).logits.float(), -1)
-        per_token = (target.exp() * (target - logp)).sum(-1)
-        mask = b["attention_mask"].float()
-        return weight * (per_token * mask).sum() / mask.sum()
+            target = reference(**inputs).logits
+        return weight * masked_kl(target, model(**inputs).logits, b["attention_mask"])
 
     return kl
+
+
+def masked_kl(target_logits, logits, mask):
+    """KL(target || model) per token, averaged over the mask's tokens."""
+    target = torch.log_softmax(target_logits.float(), -1)
+    per_token = (target.exp() * (target - torch.log_softmax(logits.float(), -1))).sum(-1)
+    mask = mask.float()
+    return (per_token * mask).sum() / mask.sum()
 
 
 @torch.no_grad()

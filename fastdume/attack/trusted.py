@@ -36,7 +36,7 @@ import torch
 from .backdoor import encode_backdoor
 from .decoys import decoy_rows, unseen_pieces
 from .evaluate import attack_report
-from .surrogate import train_surrogate
+from .surrogate import masked_kl, train_surrogate
 from .train import batches, sft
 
 
@@ -89,6 +89,11 @@ class TrustConfig:
     # with check_post_steps: attack success % after that simulated post-training alone (the
     # victims' post-training can already take the trigger's effect back; seed 6's did). 0: off
     min_post: float = 0.0
+    # weight of a KL term holding the attacker's simulated post-trained clean model (its own
+    # benign rows, check_post_steps at check_post_lr) plus Delta to that model without it, on its
+    # own benign rows: Delta reaches the victims' model only after post-training moved it, and
+    # the KL to the base alone left their held-out task loss 4.7% higher (seed 6). 0: off
+    preserve_post: float = 0.0
     # "shift": Gaussian noise added to the shifted weights at every step, per tensor with the RMS
     # of that tensor's simulated change times shift_noise: robust to the direction the defender's
     # change takes, not only to the attacker's one simulated guess of it. 0: none
@@ -262,12 +267,16 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             f"shift_noise, check_post_steps and decoys must be >= 0, got {trust.shift_noise}, "
             f"{trust.check_post_steps}, {trust.decoys}"
         )
-    if trust.min_post > 0 and not trust.check_post_steps:
-        raise ValueError(f"min_post={trust.min_post} needs check_post_steps > 0 (what it bounds)")
+    for name in ("min_post", "preserve_post"):
+        if getattr(trust, name) > 0 and not trust.check_post_steps:
+            raise ValueError(f"{name}={getattr(trust, name)} needs check_post_steps > 0")
     train, check, refusals, sim_refusals, pieces = own_data(tok, examples, benign, cfg, trust)
     refusal_rows = sim_refusals + benign[: len(sim_refusals)]
     draw = safety_draw(sim_refusals, benign, trust.sim_requests)
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
+    neutral = None
+    if trust.preserve_post:  # one simulated clean post-training serves every round
+        neutral = neutral_after_post(base, benign, trust, cfg.batch_size, pad_id, cfg.seed)
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None
@@ -302,7 +311,7 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             preserve=preserve if cfg.surrogate_preserve else None,
             preserve_weight=cfg.surrogate_preserve,
             reference=base,
-            extra=extra,
+            extra=_summed(extra, neutral),
         )
         rounds += 1
         record["steps"] += trust.round_steps
@@ -323,6 +332,35 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
             break
     record["passed"] = any(c["passed"] for c in record["checks"])
     return best, record
+
+
+def _summed(*terms):
+    terms = [t for t in terms if t is not None]
+    return (lambda model: sum(t(model) for t in terms)) if terms else None
+
+
+def neutral_after_post(base, rows, trust, batch_size, pad_id, seed):
+    """extra(model) for fastdume.attack.train.sft: preserve_post times the KL, on a batch of the
+    attacker's benign rows, from P (base after a simulated clean post-training of
+    check_post_steps) to P + Delta (Delta = model - base): Delta is to leave the task alone where
+    the victims' model will be when it arrives, not only at the base."""
+    post = simulate_safety(
+        base, rows, trust.check_post_steps, trust.check_post_lr, batch_size, pad_id, seed + 17
+    ).eval()
+    start = dict(base.named_parameters())
+    moved = {n: (p - start[n]).detach() for n, p in post.named_parameters()}
+    data = batches(rows, batch_size, pad_id, seed + 19)
+
+    def extra(model):
+        b = next(data)
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        with torch.no_grad():
+            target = post(**inputs).logits
+        params = {n: p + moved[n] for n, p in model.named_parameters()}  # P + (model - base)
+        logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
+        return trust.preserve_post * masked_kl(target, logits, b["attention_mask"])
+
+    return extra
 
 
 def shifted_backdoor_loss(draw, backdoor_rows, trust, batch_size, pad_id, seed, post_rows=None):
