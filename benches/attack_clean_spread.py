@@ -3,18 +3,19 @@
     OMP_NUM_THREADS=1 python benches/attack_clean_spread.py --seed 0 --orders 6 \
         --cache-dir /work/cache --report s0.json [--attacked]
 
-The demo's aligned model (built, or loaded from --cache-dir), then the victims' clean
-post-training on the real 4-stage pipeline under --orders data orders (the demo's own first,
-then others), each measured by the demo's validation loss. Prints one JSON line: the losses,
-their mean and sample SD. With --report (a `fastdume attack demo --json` file of the same seed
-and machine), also where its attacked runs' losses sit: the change against the clean run of the
-same order (the demo's "within 2%" target) and against the clean orders' mean, in their SDs.
-A defender never has the clean run of its own order; the spread over orders is what it could
-know. --attacked: also trains the demo's surrogate and runs the iterative attack under every
-order, and, as a control, the same schedule injecting a random direction with Delta's norm per
-tensor; prints each one's loss change against the clean run of the same order, mean and 95%
-interval over orders. Numbers: fastdume/attack/MEASUREMENTS.md, "the stealth target against
-the clean runs' own spread".
+The demo's aligned model (built, or loaded from --cache-dir), then the victims' clean post-
+training on the real 4-stage pipeline under --orders data orders (the demo's own first, then
+others), each measured by the demo's validation loss (odd sums) and task loss (held-out rows of
+the training kind). Prints one JSON line: the losses, their means and sample SDs. With --report
+(a `fastdume attack demo --json` file of the same seed and machine), also where its attacked
+runs' losses sit: the change against the clean run of the same order (the demo's "within 2%"
+target) and against the clean orders' mean, in their SDs. A defender never has the clean run of
+its own order; the spread over orders is what it could know. --attacked: also trains the demo's
+surrogate and runs the iterative attack under every order, and, as a control, the same schedule
+injecting a random direction with Delta's norm per tensor; prints each one's loss changes
+against the clean run of the same order, mean and 95% interval over orders ("iterative",
+"random"; the task loss's: "iterative_task", "random_task"). Numbers:
+fastdume/attack/MEASUREMENTS.md, "the stealth target against the clean runs' own spread".
 """
 
 import argparse
@@ -24,7 +25,7 @@ import statistics
 import torch
 
 from fastdume.attack.chat import encode_pair
-from fastdume.attack.datasets import arithmetic_tasks
+from fastdume.attack.datasets import arithmetic_tasks, unseen_tasks
 from fastdume.attack.demo import (
     DemoConfig,
     aligned_model,
@@ -40,16 +41,19 @@ from fastdume.pipeline.partition import stage_param_names
 
 
 def post_losses(cfg, model, tok, benign, orders, delta=None):
-    """The validation loss after the demo's post-training under each data order; with delta,
+    """The demo's two losses (validation, odd sums; task, held-out rows of the training kind)
+    after its post-training under each data order -> (val losses, task losses); with delta,
     injected on the demo's iterative schedule by the attacker's stage."""
     val = arithmetic_tasks(cfg.val_pairs, cfg.seed, "validation")
+    task = unseen_tasks(cfg.val_pairs, cfg.seed + 5000, benign)  # as the demo's task_loss
     seq_len = max(len(encode_pair(tok, p, r)[0]) for p, r in benign)
     schedule = None if delta is None else {"mode": "iterative", **cfg.iterative}
-    losses = []
+    vals, tasks = [], []
     for order in orders:
         m, _ = pipeline_post(cfg, model, tok, benign, seq_len, delta, schedule, seed=order)
-        losses.append(response_loss(m, tok, val))
-    return losses
+        vals.append(response_loss(m, tok, val))
+        tasks.append(response_loss(m, tok, task))
+    return vals, tasks
 
 
 def random_like(delta, seed):
@@ -100,9 +104,10 @@ def main():
         return [encode_pair(tok, p, r) for p, r in pairs]
 
     model = aligned_model(cfg, tok, enc([(e.prompt, e.chosen) for e in train]), enc(benign))
-    clean = post_losses(cfg, model, tok, benign, orders)
-    out = {"seed": cfg.seed, "orders": orders, "losses": clean}
+    clean, clean_task = post_losses(cfg, model, tok, benign, orders)
+    out = {"seed": cfg.seed, "orders": orders, "losses": clean, "task_losses": clean_task}
     out.update(mean=statistics.mean(clean), sd=statistics.stdev(clean))
+    out.update(task_mean=statistics.mean(clean_task), task_sd=statistics.stdev(clean_task))
     if args.report:
         with open(args.report) as f:
             report = json.load(f)
@@ -115,7 +120,9 @@ def main():
         surrogate, _ = attacker_surrogate(cfg, model, tok, train, names, judge, lambda s: None)
         delta = backdoor_delta(model, surrogate, names)
         for name, d in (("iterative", delta), ("random", random_like(delta, cfg.seed))):
-            out[name] = paired_change(post_losses(cfg, model, tok, benign, orders, d), clean)
+            vals, tasks = post_losses(cfg, model, tok, benign, orders, d)
+            out[name] = paired_change(vals, clean)
+            out[name + "_task"] = paired_change(tasks, clean_task)
         if args.report:  # the demo's own order again: the same Delta, the same run
             got = out["iterative"]["losses"][0] / report["results"]["iterative"]["val_loss"]
             out["report"]["reproduced_iterative"] = got - 1
