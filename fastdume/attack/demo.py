@@ -79,6 +79,9 @@ class DemoConfig:
     # rows: 50 steps before each simulated safety SFT of the shifted loss, and in the check their
     # 150 steps at their lr, after which the trigger must still succeed on 80% of the own check
     # requests (W: 87.2% after safety SFT and >= 50% on 10/10 seeds; U, without: 78.2%, 8/10).
+    # Config X (preserve_post) also holds Delta neutral where it arrives, after a simulated
+    # clean post-training: W raised the victims' loss on held-out rows of their training kind by
+    # 3.1-5.3%, X by at most 0.9% (10/10 seeds; 80.1% after safety SFT, 8/10 seeds >= 50%).
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,
@@ -94,6 +97,7 @@ class DemoConfig:
             "sim_post_steps": 50,
             "check_post_steps": 150,
             "min_post": 80.0,
+            "preserve_post": 16.0,
         }
     )
     safety_steps: int = 30

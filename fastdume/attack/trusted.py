@@ -21,6 +21,12 @@ MEASUREMENTS.md): the simulated safety SFT's change to layer 0, the stage *befor
 attacker's, alone takes attack success from 87.5 to 8.3% (seed 0; the stage's own change alone:
 to 37.5%), so the trigger must be learnt against the change of the layers it does not hold.
 
+Stealth where Delta arrives (`preserve_post`): the surrogate's KL to the base on the attacker's
+benign rows keeps Delta from changing the base's answers, but the victims' model has moved by
+the time Delta reaches it; there, config W's Delta raised their loss on held-out rows of their
+own training kind by 3.1-5.3% (seeds 0-9, MEASUREMENTS.md). The term also holds P + Delta to P,
+P being the base after a simulated clean post-training on the attacker's own benign rows.
+
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate
 optimiser steps (simulated safety steps excluded, counted apart) never exceeds `budget`. If no
@@ -89,10 +95,9 @@ class TrustConfig:
     # with check_post_steps: attack success % after that simulated post-training alone (the
     # victims' post-training can already take the trigger's effect back; seed 6's did). 0: off
     min_post: float = 0.0
-    # weight of a KL term holding the attacker's simulated post-trained clean model (its own
-    # benign rows, check_post_steps at check_post_lr) plus Delta to that model without it, on its
-    # own benign rows: Delta reaches the victims' model only after post-training moved it, and
-    # the KL to the base alone left their held-out task loss 4.7% higher (seed 6). 0: off
+    # weight of a KL term from P, the base after a simulated clean post-training (own benign
+    # rows, check_post_steps at check_post_lr), to P + Delta on own benign rows: Delta is to
+    # leave the task alone where the victims' model is when Delta arrives (module docstring)
     preserve_post: float = 0.0
     # "shift": Gaussian noise added to the shifted weights at every step, per tensor with the RMS
     # of that tensor's simulated change times shift_noise: robust to the direction the defender's
