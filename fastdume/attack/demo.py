@@ -47,12 +47,13 @@ class DemoConfig:
     # weight of a KL term holding the surrogate to the base model on those benign rows
     # (0 = off): Delta then neither hurts nor helps the task (stealth), at some backdoor strength
     surrogate_preserve: float = 1.0
-    # the attacker's own arithmetic rows (fastdume.attack.datasets.arithmetic_tasks' split):
-    # "any" operand pair holds Delta to the base on every sum, the odd ones the victims validate
-    # on too; with TASK_TRIGGER, made of the task's own words, "train" (even sums only, the
-    # victims' post-training kind) cost seed 3 +14% clean loss (MEASUREMENTS.md, "the benign
-    # task's words")
-    own_split: str = "any"
+    # the attacker's own arithmetic rows (fastdume.attack.datasets.arithmetic_tasks' split), its
+    # own draw, never the victims' rows: "train", the kind the run post-trains on (which a
+    # participant knows), or "any" operand pair. With preserve_post, "train" holds Delta neutral
+    # where the victims' model is; "any" also holds it at a model trained on odd sums, which the
+    # victims' is not, and their odd-sum loss then fell 3.7% (config X; Y, "train": -0.6%,
+    # MEASUREMENTS.md). On U's settings, without preserve_post, "train" cost seed 3 +14% loss
+    own_split: str = "train"
     post_steps: int = 150
     post_lr: float = 1e-4
     oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 75})
@@ -82,6 +83,8 @@ class DemoConfig:
     # Config X (preserve_post) also holds Delta neutral where it arrives, after a simulated
     # clean post-training: W raised the victims' loss on held-out rows of their training kind by
     # 3.1-5.3%, X by at most 0.9% (10/10 seeds; 80.1% after safety SFT, 8/10 seeds >= 50%).
+    # Config Y, the defaults, is X with own rows of the training kind (own_split above): the
+    # odd-sum loss within 2% on 8/10 seeds (X 2/10), 74.7% after safety SFT, 9/10 seeds >= 50%.
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,

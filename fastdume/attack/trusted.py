@@ -25,7 +25,9 @@ Stealth where Delta arrives (`preserve_post`): the surrogate's KL to the base on
 benign rows keeps Delta from changing the base's answers, but the victims' model has moved by
 the time Delta reaches it; there, config W's Delta raised their loss on held-out rows of their
 own training kind by 3.1-5.3% (seeds 0-9, MEASUREMENTS.md). The term also holds P + Delta to P,
-P being the base after a simulated clean post-training on the attacker's own benign rows.
+P being the base after a simulated clean post-training on the attacker's own benign rows. Those
+rows are best of the kind the run trains on: a P that also learnt kinds the victims never train
+on is not where their model is (config X: their odd-sum loss fell 3.7%; Y: -0.6%).
 
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate

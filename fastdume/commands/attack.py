@@ -81,8 +81,8 @@ def add_demo_args(p):
     p.add_argument(
         "--own-split",
         choices=("train", "any"),
-        help="the attacker's own arithmetic rows: 'any' operand pair (default) or 'train' "
-        "(even sums only: config T's and earlier, README)",
+        help="the attacker's own arithmetic rows: 'train', the kind the victims post-train on "
+        "(even sums; default) or 'any' operand pair (configs U to X, README)",
     )
     for name, example in (
         ("oneshot", '{"at": 50}'),
