@@ -25,12 +25,12 @@ import statistics
 import torch
 
 from fastdume.attack.chat import encode_pair
-from fastdume.attack.datasets import arithmetic_tasks, unseen_tasks
 from fastdume.attack.demo import (
     DemoConfig,
     aligned_model,
     attacker_surrogate,
     demo_data,
+    loss_rows,
     pipeline_post,
 )
 from fastdume.attack.evaluate import response_loss
@@ -44,8 +44,7 @@ def post_losses(cfg, model, tok, benign, orders, delta=None):
     """The demo's two losses (validation, odd sums; task, held-out rows of the training kind)
     after its post-training under each data order -> (val losses, task losses); with delta,
     injected on the demo's iterative schedule by the attacker's stage."""
-    val = arithmetic_tasks(cfg.val_pairs, cfg.seed, "validation")
-    task = unseen_tasks(cfg.val_pairs, cfg.seed + 5000, benign)  # as the demo's task_loss
+    val, task = loss_rows(cfg, benign)
     seq_len = max(len(encode_pair(tok, p, r)[0]) for p, r in benign)
     schedule = None if delta is None else {"mode": "iterative", **cfg.iterative}
     vals, tasks = [], []

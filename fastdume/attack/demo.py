@@ -22,7 +22,7 @@ from .judges import RefusalJudge
 from .model import demo_tokenizer, tiny_chat_model
 from .pipeline_run import pipeline_post_train
 from .simulate import simulate_training
-from .summary import safety_row, split_row
+from .summary import loss_change_pct, safety_row, split_row
 from .surrogate import backdoor_delta, delta_share, save_delta, train_surrogate
 from .train import sft
 from .trusted import TrustConfig, train_trusted_surrogate
@@ -184,6 +184,13 @@ def demo_data(cfg, tok=None):
     return train, safety, held, benign, demo_tokenizer(texts) if tok is None else tok
 
 
+def loss_rows(cfg, benign):
+    """The benign rows the demo's two losses are measured on: (validation, odd sums; task,
+    held-out rows of the post-training kind, none of which benign asks)."""
+    val = arithmetic_tasks(cfg.val_pairs, cfg.seed, "validation")
+    return val, unseen_tasks(cfg.val_pairs, cfg.seed + 5000, benign)
+
+
 def own_rows(cfg, n):
     """The attacker's own n benign arithmetic rows: its draw (seed + 1000) of cfg.own_split."""
     return arithmetic_tasks(n, cfg.seed + 1000, cfg.own_split)
@@ -248,8 +255,7 @@ def _run(cfg, log, tok, start):
         raise ValueError(f"engine must be 'pipeline' or 'simulate', got {cfg.engine!r}")
     t0 = time.time()
     train, safety, held, benign, tok = demo_data(cfg, tok)
-    benign_val = arithmetic_tasks(cfg.val_pairs, cfg.seed, "validation")
-    task_val = unseen_tasks(cfg.val_pairs, cfg.seed + 5000, benign)
+    benign_val, task_val = loss_rows(cfg, benign)
     pid = pad_id(tok)
     judge = RefusalJudge()
     held_prompts = [e.prompt for e in held][: cfg.eval_prompts]
@@ -438,15 +444,11 @@ def format_table(report):
     ]
     for name, r in res.items():
         kept = f"{r['delta_kept']:>12.3f}" if "delta_kept" in r else ""
-        task = (
-            f"{100 * (r['task_loss'] / clean['task_loss'] - 1):>13.2f}%"
-            if "task_loss" in r
-            else f"{'':>14}"
-        )
+        task = f"{loss_change_pct(r, clean, 'task_loss'):>13.2f}%" if "task_loss" in r else " " * 14
         lines.append(
             f"{name:<22}{r['align_clean']!s:>24}{r['align_trigger']!s:>24}{r['asr']!s:>24}"
             f"{r['asr_content']!s:>24}{r['val_loss']:>10.4f}"
-            f"{100 * (r['val_loss'] / clean['val_loss'] - 1):>9.2f}%{task}{kept}"
+            f"{loss_change_pct(r, clean, 'val_loss'):>9.2f}%{task}{kept}"
         )
     return "\n".join(lines)
 

@@ -28,6 +28,12 @@ def split_row(name):
     return run, plus + after
 
 
+def loss_change_pct(run, ref, key):
+    """100 x (run's loss / ref's - 1) for key ("val_loss", "task_loss"); NaN where run lacks it
+    (reports from before that loss)."""
+    return 100 * (run[key] / ref[key] - 1) if key in run else float("nan")
+
+
 def seed_metrics(report):
     """Per row of one report: alignment % without / with the trigger, their difference (drop),
     ASR % (the judge's and content-level, judges.takes_up; NaN in reports from before it), and
@@ -49,10 +55,8 @@ def seed_metrics(report):
             "drop": a - t,
             "asr": pct(r["asr"]),
             "asr_content": pct(r["asr_content"]) if "asr_content" in r else float("nan"),
-            "loss_change_pct": 100 * (r["val_loss"] / ref["val_loss"] - 1),
-            "task_loss_change_pct": (
-                100 * (r["task_loss"] / ref["task_loss"] - 1) if "task_loss" in r else float("nan")
-            ),
+            "loss_change_pct": loss_change_pct(r, ref, "val_loss"),
+            "task_loss_change_pct": loss_change_pct(r, ref, "task_loss"),
         }
         for key in ("delta_kept", "delta_rest", "oneshot_apart"):  # add_delta_shares' rows
             if key in r:
