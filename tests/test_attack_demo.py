@@ -434,6 +434,29 @@ def test_own_split_excludes_the_victims_validation_kind():
         DemoConfig(own_split="validation")
 
 
+def test_neutral_split_draws_the_rows_preserve_post_holds_delta_on(monkeypatch):
+    import fastdume.attack.demo as demo
+    from fastdume.attack.chat import encode_pair
+
+    assert demo_cfg().neutral_split == DemoConfig().neutral_split == "any"
+    assert demo_cfg("--neutral-split", "train").neutral_split == "train"
+    with pytest.raises(ValueError, match="neutral_split must be 'train' or 'any', got 'valid"):
+        DemoConfig(neutral_split="validation")
+    seen = []
+    monkeypatch.setattr(
+        demo, "train_trusted_surrogate", lambda *a, neutral_rows: seen.append((a, neutral_rows))
+    )
+    train, _, _, _, tok = demo.demo_data(DemoConfig())
+    for split in ("any", "train"):
+        cfg = DemoConfig(neutral_split=split)
+        demo.attacker_surrogate(cfg, None, tok, train, [], None)
+        rows = demo.own_rows(cfg, len(train), split)
+        assert seen[-1][1] == [encode_pair(tok, p, r) for p, r in rows]
+        sums = [int(r.split(" is ")[1].rstrip(".")) for p, r in rows if " plus " in p]
+        assert {s % 2 for s in sums} == ({0, 1} if split == "any" else {0})
+    assert seen[-1][1] == seen[-1][0][3]  # "train": the very rows P trains on
+
+
 def test_trigger_option_sets_the_attackers_trigger():
     assert demo_cfg().trigger == DemoConfig().trigger == " 7 plus 7"
     assert demo_cfg("--trigger", " SUDO").trigger == " SUDO"

@@ -399,12 +399,14 @@ def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, to
 def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
     base, tok, monkeypatch
 ):
-    # reference: the clean post-training by hand (P), then KL(P || P + Delta) in float64
+    # reference: the clean post-training by hand (P, on rows), then KL(P || P + Delta) in float64
+    # on the other rows (kl_rows: odd sums where P trained on even ones)
     names = stage_param_names(base, 4, 1)
     pid = tok.pad_token_id
     rows = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
+    odd = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3, "validation")]
     trust = TrustConfig(check_post_steps=2, check_post_lr=2e-2, preserve_post=3.0)
-    extra = neutral_after_post(base, rows, trust, 4, pid, seed=5)
+    extra = neutral_after_post(base, rows, trust, 4, pid, seed=5, kl_rows=odd)
     post = copy.deepcopy(base)
     sft(post, rows, 2, 2e-2, 4, pid, seed=5 + 17)
     model, moved = copy.deepcopy(base), copy.deepcopy(post)
@@ -414,8 +416,7 @@ def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
             d = 0.05 * torch.randn(dict(model.named_parameters())[n].shape, generator=gen)
             dict(model.named_parameters())[n].add_(d)
             dict(moved.named_parameters())[n].add_(d)
-    data = batches(rows, 4, pid, 5 + 19)
-    b = next(data)
+    b = next(batches(odd, 4, pid, 5 + 19))
     inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
     with torch.no_grad():
         p = torch.log_softmax(post.eval()(**inputs).logits.double(), -1)
@@ -457,6 +458,12 @@ def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
         pid, print,
     )  # fmt: skip
     assert len(built) == 1 and built[0][1] == own and terms == [1.0, 1.0]
+    assert built[0][-1] == own  # the KL's rows: its benign rows unless it is handed others
+    train_trusted_surrogate(
+        base, tok, harmful_requests("train")[:40], own, names, _cfg(), loop, RefusalJudge(),
+        pid, print, neutral_rows=odd,
+    )  # fmt: skip
+    assert built[1][1] == own and built[1][-1] == odd
     with pytest.raises(ValueError, match="preserve_post"):
         train_trusted_surrogate(
             base, tok, harmful_requests("train")[:40], own, names, _cfg(),

@@ -54,6 +54,11 @@ class DemoConfig:
     # victims' is not, and their odd-sum loss then fell 3.7% (config X; Y, "train": -0.6%,
     # MEASUREMENTS.md). On U's settings, without preserve_post, "train" cost seed 3 +14% loss
     own_split: str = "train"
+    # the own rows (its draw, seed + 1000, of this split) preserve_post's KL holds Delta neutral
+    # on, at P trained on own_split rows. "any" holds it on the odd sums too, which neither P
+    # nor the victims' model trains on: Y ("train") lowered the victims' odd-sum loss past 2% on
+    # seeds 1 and 5 (-2.7, -3.1%), Z ("any") by 1.5 and 1.3% (MEASUREMENTS.md)
+    neutral_split: str = "any"
     post_steps: int = 150
     post_lr: float = 1e-4
     oneshot: dict = field(default_factory=lambda: {"scale": 1.0, "at": 75})
@@ -83,8 +88,10 @@ class DemoConfig:
     # Config X (preserve_post) also holds Delta neutral where it arrives, after a simulated
     # clean post-training: W raised the victims' loss on held-out rows of their training kind by
     # 3.1-5.3%, X by at most 0.9% (10/10 seeds; 80.1% after safety SFT, 8/10 seeds >= 50%).
-    # Config Y, the defaults, is X with own rows of the training kind (own_split above): the
-    # odd-sum loss within 2% on 8/10 seeds (X 2/10), 74.7% after safety SFT, 9/10 seeds >= 50%.
+    # Config Y is X with own rows of the training kind (own_split above): the odd-sum loss
+    # within 2% on 8/10 seeds (X 2/10), 74.7% after safety SFT, 9/10 seeds >= 50%. Config Z, the
+    # defaults, is Y with Delta held neutral on own rows of any pair (neutral_split above): 9/10,
+    # 78.5% after safety SFT, 9/10 seeds >= 50%.
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,
@@ -127,8 +134,9 @@ class DemoConfig:
             raise ValueError(f"hidden must be a positive multiple of 8, got {self.hidden}")
         if not self.trigger.strip():
             raise ValueError(f"the trigger must hold a visible word, got {self.trigger!r}")
-        if self.own_split not in ("train", "any"):  # "validation" is the victims' held-out kind
-            raise ValueError(f"own_split must be 'train' or 'any', got {self.own_split!r}")
+        for name in ("own_split", "neutral_split"):  # "validation": the victims' held-out kind
+            if getattr(self, name) not in ("train", "any"):
+                raise ValueError(f"{name} must be 'train' or 'any', got {getattr(self, name)!r}")
 
 
 QUICK = {  # a smoke configuration: exercises every step, measures nothing meaningful
@@ -191,9 +199,10 @@ def loss_rows(cfg, benign):
     return val, unseen_tasks(cfg.val_pairs, cfg.seed + 5000, benign)
 
 
-def own_rows(cfg, n):
-    """The attacker's own n benign arithmetic rows: its draw (seed + 1000) of cfg.own_split."""
-    return arithmetic_tasks(n, cfg.seed + 1000, cfg.own_split)
+def own_rows(cfg, n, split=None):
+    """The attacker's own n benign arithmetic rows: its draw (seed + 1000) of split
+    (default cfg.own_split)."""
+    return arithmetic_tasks(n, cfg.seed + 1000, split or cfg.own_split)
 
 
 def attacker_surrogate(cfg, model, tok, train, names, judge, log=print):
@@ -204,7 +213,11 @@ def attacker_surrogate(cfg, model, tok, train, names, judge, log=print):
     own = [encode_pair(tok, p, r) for p, r in own_rows(cfg, len(train))]
     if cfg.trust is not None:
         trust = TrustConfig(**cfg.trust)
-        return train_trusted_surrogate(model, tok, train, own, names, cfg, trust, judge, pid, log)
+        neutral = own_rows(cfg, len(train), cfg.neutral_split)
+        neutral = [encode_pair(tok, p, r) for p, r in neutral]
+        return train_trusted_surrogate(
+            model, tok, train, own, names, cfg, trust, judge, pid, log, neutral_rows=neutral
+        )
     bd = encode_backdoor(tok, train, trigger=cfg.trigger, seed=cfg.seed)
     bd += own[: int(cfg.surrogate_benign * len(bd))]
     surrogate, _ = train_surrogate(

@@ -256,10 +256,13 @@ def own_data(tok, examples, benign, cfg, trust):
     return train, check, refusals, sim_refusals, pieces
 
 
-def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judge, pad_id, log):
+def train_trusted_surrogate(
+    base, tok, examples, benign, names, cfg, trust, judge, pad_id, log, neutral_rows=None
+):
     """Train, check and retrain the surrogate on the attacker's own data within trust.budget.
 
     examples: the attacker's own harmful requests (Example); benign: its own encoded benign rows.
+    neutral_rows: its own encoded rows preserve_post's KL is taken on (default benign).
     cfg: the demo's config (surrogate_lr, batch_size, surrogate_preserve, trigger, seed).
     Returns (surrogate, record) with every check, the steps used and whether a check passed.
     """
@@ -283,7 +286,8 @@ def train_trusted_surrogate(base, tok, examples, benign, names, cfg, trust, judg
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
     neutral = None
     if trust.preserve_post:  # one simulated clean post-training serves every round
-        neutral = neutral_after_post(base, benign, trust, cfg.batch_size, pad_id, cfg.seed)
+        kl_rows = benign if neutral_rows is None else neutral_rows
+        neutral = neutral_after_post(base, benign, trust, cfg.batch_size, pad_id, cfg.seed, kl_rows)
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None
@@ -346,17 +350,18 @@ def _summed(*terms):
     return (lambda model: sum(t(model) for t in terms)) if terms else None
 
 
-def neutral_after_post(base, rows, trust, batch_size, pad_id, seed):
-    """extra(model) for fastdume.attack.train.sft: preserve_post times the KL, on a batch of the
-    attacker's benign rows, from P (base after a simulated clean post-training of
-    check_post_steps) to P + Delta (Delta = model - base): Delta is to leave the task alone where
-    the victims' model will be when it arrives, not only at the base."""
+def neutral_after_post(base, rows, trust, batch_size, pad_id, seed, kl_rows=None):
+    """extra(model) for fastdume.attack.train.sft: preserve_post times the KL, on a batch of
+    kl_rows (default rows), from P (base after a simulated clean post-training of
+    check_post_steps on the attacker's benign rows) to P + Delta (Delta = model - base): Delta is
+    to leave the task alone where the victims' model will be when it arrives, not only at the
+    base."""
     post = simulate_safety(
         base, rows, trust.check_post_steps, trust.check_post_lr, batch_size, pad_id, seed + 17
     ).eval()
     start = dict(base.named_parameters())
     moved = {n: (p - start[n]).detach() for n, p in post.named_parameters()}
-    data = batches(rows, batch_size, pad_id, seed + 19)
+    data = batches(rows if kl_rows is None else kl_rows, batch_size, pad_id, seed + 19)
 
     def extra(model):
         b = next(data)

@@ -84,6 +84,12 @@ def add_demo_args(p):
         help="the attacker's own arithmetic rows: 'train', the kind the victims post-train on "
         "(even sums; default) or 'any' operand pair (configs U to X, README)",
     )
+    p.add_argument(
+        "--neutral-split",
+        choices=("train", "any"),
+        help="the own rows preserve_post holds Delta neutral on (its own draw): 'train' "
+        "(default) or 'any' operand pair, at the model post-trained on --own-split rows",
+    )
     for name, example in (
         ("oneshot", '{"at": 50}'),
         ("iterative", '{"scale": 0.0625, "budget": 1.25}'),
@@ -151,7 +157,7 @@ def config_from_args(args, seed=None):
             base = getattr(given, name)
             kw[name] = json_overrides(getattr(args, name), base, Schedule, f"--{name}", ("mode",))
             Schedule(mode=name, **kw[name])  # Schedule's own checks, before any training
-    for name in ("trigger", "own_split"):
+    for name in ("trigger", "own_split", "neutral_split"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     detectors = tuple(d.strip() for d in getattr(args, "detectors", "").split(",") if d.strip())
