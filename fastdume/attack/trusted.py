@@ -27,7 +27,9 @@ the time Delta reaches it; there, config W's Delta raised their loss on held-out
 own training kind by 3.1-5.3% (seeds 0-9, MEASUREMENTS.md). The term also holds P + Delta to P,
 P being the base after a simulated clean post-training on the attacker's own benign rows. Those
 rows are best of the kind the run trains on: a P that also learnt kinds the victims never train
-on is not where their model is (config X: their odd-sum loss fell 3.7%; Y: -0.6%).
+on is not where their model is (config X: their odd-sum loss fell 3.7%; Y: -0.6%). The KL
+itself is best taken on rows of every kind (`neutral_rows`): held on the training kind only, Y's
+Delta lowered the victims' loss on other kinds past 2% on 2/10 seeds (config Z: 1/10).
 
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate
