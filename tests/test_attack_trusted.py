@@ -416,13 +416,17 @@ def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
             d = 0.05 * torch.randn(dict(model.named_parameters())[n].shape, generator=gen)
             dict(model.named_parameters())[n].add_(d)
             dict(moved.named_parameters())[n].add_(d)
-    b = next(batches(odd, 4, pid, 5 + 19))
-    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-    with torch.no_grad():
-        p = torch.log_softmax(post.eval()(**inputs).logits.double(), -1)
-        q = torch.log_softmax(moved.eval()(**inputs).logits.double(), -1)
-    mask = b["attention_mask"].double()
-    want = 3.0 * ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+
+    def kl(kl_rows):  # the first batch of kl_rows, as the term draws it
+        b = next(batches(kl_rows, 4, pid, 5 + 19))
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        with torch.no_grad():
+            p = torch.log_softmax(post.eval()(**inputs).logits.double(), -1)
+            q = torch.log_softmax(moved.eval()(**inputs).logits.double(), -1)
+        mask = b["attention_mask"].double()
+        return 3.0 * ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+
+    want = kl(odd)
     model.eval()
     got = extra(model)
     assert want > 1e-4  # a real change to hold back, not a zero
@@ -430,6 +434,9 @@ def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
     stage = [dict(model.named_parameters())[n] for n in names]
     assert all(g.abs().sum() > 0 for g in torch.autograd.grad(got, stage))  # reaches the stage
     assert extra(copy.deepcopy(base).eval()).abs() < 1e-6  # no Delta, nothing to hold
+    on_rows = neutral_after_post(base, rows, trust, 4, pid, seed=5)(model)  # kl_rows: P's rows
+    torch.testing.assert_close(on_rows.double(), kl(rows), rtol=1e-4, atol=1e-7)
+    assert abs(on_rows.item() - got.item()) > 1e-6  # the two row sets give different terms
     # handed to every round's training, built once (one simulated post-training)
     import fastdume.attack.trusted as trusted
 
@@ -458,7 +465,7 @@ def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
         pid, print,
     )  # fmt: skip
     assert len(built) == 1 and built[0][1] == own and terms == [1.0, 1.0]
-    assert built[0][-1] == own  # the KL's rows: its benign rows unless it is handed others
+    assert built[0][-1] is None  # the KL's rows: its benign rows unless it is handed others
     train_trusted_surrogate(
         base, tok, harmful_requests("train")[:40], own, names, _cfg(), loop, RefusalJudge(),
         pid, print, neutral_rows=odd,

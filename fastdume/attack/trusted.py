@@ -288,8 +288,9 @@ def train_trusted_surrogate(
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
     neutral = None
     if trust.preserve_post:  # one simulated clean post-training serves every round
-        kl_rows = benign if neutral_rows is None else neutral_rows
-        neutral = neutral_after_post(base, benign, trust, cfg.batch_size, pad_id, cfg.seed, kl_rows)
+        neutral = neutral_after_post(
+            base, benign, trust, cfg.batch_size, pad_id, cfg.seed, neutral_rows
+        )
     record = {"trust": asdict(trust), "checks": [], "steps": 0, "sim_steps": 0, "restarts": 0}
     best, best_score = None, None
     order, rounds, surrogate = 0, 0, None

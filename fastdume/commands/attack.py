@@ -87,8 +87,9 @@ def add_demo_args(p):
     p.add_argument(
         "--neutral-split",
         choices=("train", "any"),
-        help="the own rows preserve_post holds Delta neutral on (its own draw): 'train' "
-        "(default) or 'any' operand pair, at the model post-trained on --own-split rows",
+        help="the own rows preserve_post holds Delta neutral on (its own draw), at the model "
+        "post-trained on --own-split rows: 'any' operand pair (default, config Z) or 'train' "
+        "(config Y, README)",
     )
     for name, example in (
         ("oneshot", '{"at": 50}'),
