@@ -396,6 +396,54 @@ def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, to
         )  # fmt: skip
 
 
+def test_neutral_after_post_holds_delta_at_the_base_too(base, tok, monkeypatch):
+    # reference: KL(base || base + Delta) in float64 on the first batch of the KL's rows; with
+    # both weights the term is the sum of the two, each as it is alone
+    names = stage_param_names(base, 4, 1)
+    pid = tok.pad_token_id
+    rows = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3)]
+    odd = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(16, 3, "validation")]
+    model = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in names:
+            p = dict(model.named_parameters())[n]
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    at_base = TrustConfig(preserve_base=5.0)  # no P to simulate: no check_post_steps needed
+    got = neutral_after_post(base, rows, at_base, 4, pid, seed=5, kl_rows=odd)(model)
+    b = next(batches(odd, 4, pid, 5 + 19))
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    with torch.no_grad():
+        p = torch.log_softmax(base(**inputs).logits.double(), -1)
+        q = torch.log_softmax(model(**inputs).logits.double(), -1)
+    mask = b["attention_mask"].double()
+    want = 5.0 * ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+    assert want > 1e-4
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    stage = [dict(model.named_parameters())[n] for n in names]
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(got, stage))
+    post = TrustConfig(check_post_steps=2, check_post_lr=2e-2, preserve_post=3.0)
+    at_post = neutral_after_post(base, rows, post, 4, pid, seed=5, kl_rows=odd)(model)
+    both = replace(post, preserve_base=5.0)
+    summed = neutral_after_post(base, rows, both, 4, pid, seed=5, kl_rows=odd)(model)
+    torch.testing.assert_close(summed, at_post + got, rtol=1e-5, atol=1e-7)
+    # the surrogate loop builds the term for preserve_base alone too
+    import fastdume.attack.trusted as trusted
+
+    built = []
+    monkeypatch.setattr(
+        trusted, "neutral_after_post", lambda *a: built.append(a) or (lambda m: torch.zeros(()))
+    )
+    monkeypatch.setattr(trusted, "train_surrogate", lambda m, *a, **kw: (copy.deepcopy(m), []))
+    loop = TrustConfig(round_steps=1, budget=1, check_requests=8, check_sim_steps=1)
+    own = [encode_pair(tok, p, r) for p, r in arithmetic_tasks(40, 9)]
+    train_trusted_surrogate(
+        base, tok, harmful_requests("train")[:40], own, names, _cfg(),
+        replace(loop, preserve_base=2.0), RefusalJudge(), pid, print, neutral_rows=odd,
+    )  # fmt: skip
+    assert len(built) == 1 and built[0][2].preserve_base == 2.0 and built[0][-1] == odd
+
+
 def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
     base, tok, monkeypatch
 ):

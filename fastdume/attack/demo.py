@@ -89,9 +89,11 @@ class DemoConfig:
     # clean post-training: W raised the victims' loss on held-out rows of their training kind by
     # 3.1-5.3%, X by at most 0.9% (10/10 seeds; 80.1% after safety SFT, 8/10 seeds >= 50%).
     # Config Y is X with own rows of the training kind (own_split above): the odd-sum loss
-    # within 2% on 8/10 seeds (X 2/10), 74.7% after safety SFT, 9/10 seeds >= 50%. Config Z, the
-    # defaults, is Y with Delta held neutral on own rows of any pair (neutral_split above): 9/10,
-    # 78.5% after safety SFT, 9/10 seeds >= 50%.
+    # within 2% on 8/10 seeds (X 2/10), 74.7% after safety SFT, 9/10 seeds >= 50%. Config Z is
+    # Y with Delta held neutral on own rows of any pair (neutral_split above): 9/10, 78.5% after
+    # safety SFT, 9/10 seeds >= 50%. Config AA, the defaults, also holds it neutral at the base
+    # (preserve_base), where the first injections land: 10/10 (-0.51%), 76.8% after safety SFT,
+    # 9/10 seeds >= 50%.
     trust: dict | None = field(
         default_factory=lambda: {
             "round_steps": 300,
@@ -108,6 +110,7 @@ class DemoConfig:
             "check_post_steps": 150,
             "min_post": 80.0,
             "preserve_post": 16.0,
+            "preserve_base": 32.0,
         }
     )
     safety_steps: int = 30

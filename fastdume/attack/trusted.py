@@ -29,7 +29,11 @@ P being the base after a simulated clean post-training on the attacker's own ben
 rows are best of the kind the run trains on: a P that also learnt kinds the victims never train
 on is not where their model is (config X: their odd-sum loss fell 3.7%; Y: -0.6%). The KL
 itself is best taken on rows of every kind (`neutral_rows`): held on the training kind only, Y's
-Delta lowered the victims' loss on other kinds past 2% on 2/10 seeds (config Z: 1/10).
+Delta lowered the victims' loss on other kinds past 2% on 2/10 seeds (config Z: 1/10). Held at P
+alone, Delta still lowered the *base's* odd-sum loss by 1-5% (Z), and the victims, whose first
+injections land on a barely post-trained model, kept part of that (over Y's and Z's 20 runs
+their change is about 0.37 times it, r = 0.66); `preserve_base` takes the same KL at the base
+too (config AA: within 2% on 10/10).
 
 Policy: rounds of `round_steps`; a failed check continues training (`max_rounds` per data
 order), then restarts from the base with another data order; the total number of surrogate
@@ -103,6 +107,10 @@ class TrustConfig:
     # rows, check_post_steps at check_post_lr), to P + Delta on own benign rows: Delta is to
     # leave the task alone where the victims' model is when Delta arrives (module docstring)
     preserve_post: float = 0.0
+    # weight of the same KL at the base (base to base + Delta, same rows), where the first
+    # injections land: held at P alone, Delta lowered the base's odd-sum loss by up to 5%, and
+    # the victims kept part of that (config AA, module docstring)
+    preserve_base: float = 0.0
     # "shift": Gaussian noise added to the shifted weights at every step, per tensor with the RMS
     # of that tensor's simulated change times shift_noise: robust to the direction the defender's
     # change takes, not only to the attacker's one simulated guess of it. 0: none
@@ -264,7 +272,8 @@ def train_trusted_surrogate(
     """Train, check and retrain the surrogate on the attacker's own data within trust.budget.
 
     examples: the attacker's own harmful requests (Example); benign: its own encoded benign rows.
-    neutral_rows: its own encoded rows preserve_post's KL is taken on (default benign).
+    neutral_rows: its own encoded rows preserve_post's and preserve_base's KLs are taken on
+    (default benign).
     cfg: the demo's config (surrogate_lr, batch_size, surrogate_preserve, trigger, seed).
     Returns (surrogate, record) with every check, the steps used and whether a check passed.
     """
@@ -287,7 +296,7 @@ def train_trusted_surrogate(
     draw = safety_draw(sim_refusals, benign, trust.sim_requests)
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
     neutral = None
-    if trust.preserve_post:  # one simulated clean post-training serves every round
+    if trust.preserve_post or trust.preserve_base:  # one simulated P serves every round
         neutral = neutral_after_post(
             base, benign, trust, cfg.batch_size, pad_id, cfg.seed, neutral_rows
         )
@@ -354,26 +363,32 @@ def _summed(*terms):
 
 
 def neutral_after_post(base, rows, trust, batch_size, pad_id, seed, kl_rows=None):
-    """extra(model) for fastdume.attack.train.sft: preserve_post times the KL, on a batch of
-    kl_rows (default rows), from P (base after a simulated clean post-training of
-    check_post_steps on the attacker's benign rows) to P + Delta (Delta = model - base): Delta is
-    to leave the task alone where the victims' model will be when it arrives, not only at the
-    base."""
-    post = simulate_safety(
-        base, rows, trust.check_post_steps, trust.check_post_lr, batch_size, pad_id, seed + 17
-    ).eval()
-    start = dict(base.named_parameters())
-    moved = {n: (p - start[n]).detach() for n, p in post.named_parameters()}
+    """extra(model) for fastdume.attack.train.sft: Delta (= model - base) held neutral on a
+    batch of kl_rows (default rows) at both ends of the victims' post-training: preserve_post
+    times the KL from P (base after a simulated clean post-training of check_post_steps on the
+    attacker's benign rows) to P + Delta, where the last injections land, plus preserve_base
+    times the KL from the base to base + Delta, where the first land. Either weight may be 0."""
+    points = [(trust.preserve_base, base, {})] if trust.preserve_base else []
+    if trust.preserve_post:
+        post = simulate_safety(
+            base, rows, trust.check_post_steps, trust.check_post_lr, batch_size, pad_id, seed + 17
+        ).eval()
+        start = dict(base.named_parameters())
+        moved = {n: (p - start[n]).detach() for n, p in post.named_parameters()}
+        points.append((trust.preserve_post, post, moved))
     data = batches(rows if kl_rows is None else kl_rows, batch_size, pad_id, seed + 19)
 
     def extra(model):
         b = next(data)
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-        with torch.no_grad():
-            target = post(**inputs).logits
-        params = {n: p + moved[n] for n, p in model.named_parameters()}  # P + (model - base)
-        logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
-        return trust.preserve_post * masked_kl(target, logits, b["attention_mask"])
+        loss = torch.zeros(())
+        for weight, ref, moved in points:  # KL(ref || ref + Delta)
+            with torch.no_grad():
+                target = ref(**inputs).logits
+            params = {n: p + moved[n] for n, p in model.named_parameters()} if moved else {}
+            logits = torch.func.functional_call(model, params, args=(), kwargs=inputs).logits
+            loss = loss + weight * masked_kl(target, logits, b["attention_mask"])
+        return loss
 
     return extra
 
