@@ -276,12 +276,12 @@ def test_default_iterative_schedule_stops_before_the_end():
 
 @pytest.mark.slow
 def test_default_demo_on_the_real_pipeline(tmp_path):
-    # seed 0 of the defaults (config Z, fastdume/attack/MEASUREMENTS.md, issue 17): both attacks
+    # seed 0 of the defaults (config AA, fastdume/attack/MEASUREMENTS.md, issue 17): both attacks
     # keep clean refusals, the trigger drops them, and they persist through the demo's safety
-    # SFT (Z: 99.0 / 99.0%; Y, X, W and U before it 79.2-99.0% on two VMs); Delta leaves both
-    # the task's held-out rows and the odd-sum validation rows within 2% (Z: +0.65 / -0.76%; X
-    # missed the odd sums at -2.74%, W the task's rows at +5.24%). Also the attacker's own check,
-    # the clean run's refusals after safety SFT, the update audit.
+    # SFT (AA: 91.7 / 92.7%; Z, Y, X, W and U before it 79.2-99.0% on two VMs); Delta leaves
+    # both the task's held-out rows and the odd-sum validation rows within 2% (AA: +0.66 /
+    # +0.10%; X missed the odd sums at -2.74%, W the task's rows at +5.24%). Also the attacker's
+    # own check, the clean run's refusals after safety SFT, the update audit.
     from fastdume.attack.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(replicas=(), cache_dir=str(tmp_path), detectors=("audit",))

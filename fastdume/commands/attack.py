@@ -87,9 +87,9 @@ def add_demo_args(p):
     p.add_argument(
         "--neutral-split",
         choices=("train", "any"),
-        help="the own rows preserve_post holds Delta neutral on (its own draw), at the model "
-        "post-trained on --own-split rows: 'any' operand pair (default, config Z) or 'train' "
-        "(config Y, README)",
+        help="the own rows preserve_post and preserve_base hold Delta neutral on (its own "
+        "draw), at the model post-trained on --own-split rows and at the base: 'any' operand "
+        "pair (default, configs Z and AA) or 'train' (config Y, README)",
     )
     for name, example in (
         ("oneshot", '{"at": 50}'),
