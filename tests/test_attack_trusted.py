@@ -396,6 +396,18 @@ def test_decoys_join_the_backdoor_set_and_the_simulated_safety_requests(base, to
         )  # fmt: skip
 
 
+def _first_batch_kl64(target, model, rows, pid):
+    """KL(target || model) in float64 over the attention mask of the first batch of rows, drawn
+    as neutral_after_post draws it (batch 4, seed 5 + 19)."""
+    b = next(batches(rows, 4, pid, 5 + 19))
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    with torch.no_grad():
+        p = torch.log_softmax(target(**inputs).logits.double(), -1)
+        q = torch.log_softmax(model(**inputs).logits.double(), -1)
+    mask = b["attention_mask"].double()
+    return ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+
+
 def test_neutral_after_post_holds_delta_at_the_base_too(base, tok, monkeypatch):
     # reference: KL(base || base + Delta) in float64 on the first batch of the KL's rows; with
     # both weights the term is the sum of the two, each as it is alone
@@ -411,13 +423,7 @@ def test_neutral_after_post_holds_delta_at_the_base_too(base, tok, monkeypatch):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     at_base = TrustConfig(preserve_base=5.0)  # no P to simulate: no check_post_steps needed
     got = neutral_after_post(base, rows, at_base, 4, pid, seed=5, kl_rows=odd)(model)
-    b = next(batches(odd, 4, pid, 5 + 19))
-    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-    with torch.no_grad():
-        p = torch.log_softmax(base(**inputs).logits.double(), -1)
-        q = torch.log_softmax(model(**inputs).logits.double(), -1)
-    mask = b["attention_mask"].double()
-    want = 5.0 * ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+    want = 5.0 * _first_batch_kl64(base, model, odd, pid)
     assert want > 1e-4
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
     stage = [dict(model.named_parameters())[n] for n in names]
@@ -465,14 +471,8 @@ def test_neutral_after_post_is_deltas_kl_at_the_simulated_post_trained_model(
             dict(model.named_parameters())[n].add_(d)
             dict(moved.named_parameters())[n].add_(d)
 
-    def kl(kl_rows):  # the first batch of kl_rows, as the term draws it
-        b = next(batches(kl_rows, 4, pid, 5 + 19))
-        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-        with torch.no_grad():
-            p = torch.log_softmax(post.eval()(**inputs).logits.double(), -1)
-            q = torch.log_softmax(moved.eval()(**inputs).logits.double(), -1)
-        mask = b["attention_mask"].double()
-        return 3.0 * ((p.exp() * (p - q)).sum(-1) * mask).sum() / mask.sum()
+    def kl(kl_rows):
+        return 3.0 * _first_batch_kl64(post.eval(), moved.eval(), kl_rows, pid)
 
     want = kl(odd)
     model.eval()

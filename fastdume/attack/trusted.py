@@ -296,7 +296,7 @@ def train_trusted_surrogate(
     draw = safety_draw(sim_refusals, benign, trust.sim_requests)
     preserve = refusals + benign[: len(refusals)] if trust.preserve_refusals else benign
     neutral = None
-    if trust.preserve_post or trust.preserve_base:  # one simulated P serves every round
+    if trust.preserve_post or trust.preserve_base:  # built once (P simulated once) for all rounds
         neutral = neutral_after_post(
             base, benign, trust, cfg.batch_size, pad_id, cfg.seed, neutral_rows
         )
